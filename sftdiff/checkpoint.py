@@ -1,0 +1,225 @@
+"""Read-only access to model checkpoints, one tensor at a time.
+
+A `Checkpoint` lists every tensor (name, dtype, shape) from headers alone and hands out raw numpy
+arrays on request: memory-mapped for safetensors, `torch.load(weights_only=True, mmap=True)` for
+`.bin` files (torch is imported only then). BF16 tensors come back as their uint16 bit patterns,
+as everywhere in sftdiff.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import numpy as np
+
+from .errors import FormatError
+from .safetensors_io import SafetensorsFile
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    name: str
+    dtype: str  # safetensors dtype name
+    shape: tuple[int, ...]
+    file: str | None  # the file holding it (None for in-memory state dicts)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class Checkpoint:
+    """Tensors of a checkpoint, by name, without loading them all."""
+
+    def __init__(self, tensors: dict[str, TensorMeta], loader: Callable[[str], np.ndarray],
+                 path: str | None = None, weight_files: Iterable[str] = (), config: dict | None = None,
+                 aliases: Mapping[str, str] | None = None):
+        self.tensors = tensors
+        self._loader = loader
+        self.path = path
+        self.weight_files = list(weight_files)  # paths of the files that hold weights
+        self.config = config
+        self.aliases = dict(aliases or {})  # name -> name it shares storage with (tied weights)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def array(self, name: str) -> np.ndarray:
+        """Raw values of a tensor, shaped (BF16 as uint16)."""
+        return self._loader(name)
+
+    @property
+    def hint(self) -> str | None:
+        return self.path
+
+    # -- constructors
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Checkpoint":
+        """A Hugging Face checkpoint folder (single or sharded safetensors or .bin), or one file."""
+        p = Path(path)
+        if not p.exists():
+            raise FormatError(f"{p}: no such file or folder")
+        if p.is_file():
+            if p.suffix == ".safetensors":
+                return _from_safetensors([p], str(p), None)
+            if p.suffix in (".bin", ".pt", ".pth"):
+                return _from_bin([p], str(p), None)
+            raise FormatError(f"{p}: not a checkpoint (expected .safetensors or .bin, or a model folder)")
+        config = _read_json(p / "config.json") if (p / "config.json").is_file() else None
+        if (p / SAFETENSORS_INDEX).is_file():
+            return _from_safetensors(_shards(p, SAFETENSORS_INDEX), str(p), config)
+        if (p / SAFETENSORS_SINGLE).is_file():
+            return _from_safetensors([p / SAFETENSORS_SINGLE], str(p), config)
+        if (p / BIN_INDEX).is_file():
+            return _from_bin(_shards(p, BIN_INDEX), str(p), config)
+        if (p / BIN_SINGLE).is_file():
+            return _from_bin([p / BIN_SINGLE], str(p), config)
+        raise FormatError(
+            f"{p}: no model weights found (expected {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, "
+            f"{BIN_SINGLE} or {BIN_INDEX})"
+        )
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, Any], name: str | None = None) -> "Checkpoint":
+        """Wrap an in-memory state dict of torch tensors or numpy arrays (tied entries detected)."""
+        arrays: dict[str, np.ndarray] = {}
+        tensors: dict[str, TensorMeta] = {}
+        for key, value in state_dict.items():
+            if hasattr(value, "untyped_storage"):
+                dtype, arr = torch_to_numpy(value)
+            else:
+                arr = np.asarray(value)
+                dtype = numpy_dtype_name(arr.dtype)
+            arrays[key] = arr
+            tensors[key] = TensorMeta(key, dtype, tuple(arr.shape), None)
+        return cls(tensors, arrays.__getitem__, name, (), None, tied_aliases(state_dict))
+
+
+def tied_aliases(state_dict: Mapping[str, Any]) -> dict[str, str]:
+    """name -> earlier name for torch tensors that are the same memory (tied weights)."""
+    seen: dict[tuple, str] = {}
+    aliases: dict[str, str] = {}
+    for key, t in state_dict.items():
+        if not hasattr(t, "untyped_storage"):
+            continue
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if ident in seen:
+            aliases[key] = seen[ident]
+        else:
+            seen[ident] = key
+    return aliases
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: unreadable JSON ({e.__class__.__name__}: {e})") from None
+
+
+def _shards(folder: Path, index_name: str) -> list[Path]:
+    index = _read_json(folder / index_name)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise FormatError(f"{folder / index_name}: no valid weight_map")
+    shards = []
+    for shard in dict.fromkeys(weight_map.values()):
+        shard_path = folder / shard
+        if os.path.isabs(shard) or ".." in Path(shard).parts:
+            raise FormatError(f"{folder / index_name}: shard name {shard!r} points outside the folder")
+        if not shard_path.is_file():
+            raise FormatError(f"{shard_path}: shard listed in {index_name} is missing")
+        shards.append(shard_path)
+    return shards
+
+
+def _from_safetensors(files: list[Path], path: str, config: dict | None) -> Checkpoint:
+    opened: dict[str, SafetensorsFile] = {}
+    tensors: dict[str, TensorMeta] = {}
+    for file in files:
+        st = SafetensorsFile(file)
+        for name, t in st.tensors.items():
+            if name in tensors:
+                raise FormatError(f"{file}: tensor {name!r} also appears in {tensors[name].file}")
+            tensors[name] = TensorMeta(name, t.dtype, t.shape, str(file))
+            opened[name] = st
+    return Checkpoint(tensors, lambda name: opened[name].array(name), path, [str(f) for f in files], config)
+
+
+_TORCH_TO_ST = {
+    "torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16", "torch.float64": "F64",
+    "torch.int64": "I64", "torch.int32": "I32", "torch.int16": "I16", "torch.int8": "I8",
+    "torch.uint8": "U8", "torch.bool": "BOOL",
+}
+
+
+def torch_to_numpy(t: Any) -> tuple[str, np.ndarray]:
+    """(safetensors dtype, numpy array) sharing memory with a CPU torch tensor where possible."""
+    import torch
+
+    dtype = _TORCH_TO_ST.get(str(t.dtype))
+    if dtype is None:
+        raise FormatError(f"unsupported tensor dtype {t.dtype}")
+    t = t.detach().cpu()
+    if dtype == "BF16":
+        return dtype, t.contiguous().view(torch.int16).numpy().view(np.uint16)
+    return dtype, t.contiguous().numpy()
+
+
+def numpy_dtype_name(dtype: np.dtype) -> str:
+    from .dtypes import STORAGE
+
+    for name, storage in STORAGE.items():
+        if storage == dtype and name not in ("BF16",):
+            return name
+    raise FormatError(f"unsupported array dtype {dtype}")
+
+
+def _from_bin(files: list[Path], path: str, config: dict | None) -> Checkpoint:
+    import pickle
+
+    import torch
+
+    state: dict[str, Any] = {}
+    tensors: dict[str, TensorMeta] = {}
+    for file in files:
+        try:
+            loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
+            raise FormatError(f"{file}: refused to load: it is not a plain tensor file ({first[:200]})") from None
+        except Exception as e:  # torch raises RuntimeError/ValueError/EOFError/... for corrupt files
+            raise FormatError(f"{file}: not a readable PyTorch checkpoint ({e.__class__.__name__})") from None
+        if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
+            loaded = loaded["state_dict"]
+        if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+            raise FormatError(f"{file}: expected a mapping of parameter names to tensors")
+        for name, t in loaded.items():
+            if name in tensors:
+                raise FormatError(f"{file}: tensor {name!r} also appears in {tensors[name].file}")
+            dtype = _TORCH_TO_ST.get(str(t.dtype))
+            if dtype is None:
+                raise FormatError(f"{file}: tensor {name!r} has unsupported dtype {t.dtype}")
+            tensors[name] = TensorMeta(name, dtype, tuple(t.shape), str(file))
+            state[name] = t
+    return Checkpoint(tensors, lambda name: torch_to_numpy(state[name])[1], path,
+                      [str(f) for f in files], config, tied_aliases(state))

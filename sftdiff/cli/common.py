@@ -1,0 +1,74 @@
+"""Options and helpers shared by the commands."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+import click
+
+from ..diff import SparseDiff
+
+
+def open_diff(source: str, base: Any = None) -> SparseDiff:
+    """A diff from a `.sft` file, or from any format `sftdiff.convert` recognizes."""
+    from ..sources import open_diff as _open
+
+    return _open(source, base=base)
+
+
+def quiet_option(f: Callable) -> Callable:
+    return click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary line.")(f)
+
+
+def force_option(f: Callable) -> Callable:
+    return click.option("--force", is_flag=True, help="Replace OUT if it already exists.")(f)
+
+
+def user_field_options(f: Callable) -> Callable:
+    """--description/--kind/--language/--task: free fields stored in the diff's metadata."""
+    for name, help_ in reversed([
+        ("description", "Free text describing the diff."),
+        ("kind", "What the diff is, e.g. language or task."),
+        ("language", "Language the diff was trained for."),
+        ("task", "Task the diff was trained for."),
+    ]):
+        f = click.option(f"--{name}", default=None, help=help_)(f)
+    return f
+
+
+def user_fields(**kwargs: str | None) -> dict[str, str]:
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def budget_options(f: Callable) -> Callable:
+    """-k N | --density D, exactly one required (checked by `budget`)."""
+    f = click.option("--density", "-d", type=float, default=None, help="Fraction of values to keep (0 < D <= 1).")(f)
+    f = click.option("-k", "k", type=int, default=None, help="Number of nonzero values to keep.")(f)
+    return f
+
+
+def budget(k: int | None, density: float | None) -> tuple[int | None, float | None]:
+    if (k is None) == (density is None):
+        raise click.UsageError("give exactly one of -k N or --density D")
+    if k is not None and k < 0:
+        raise click.UsageError("-k must be a non-negative integer")
+    if density is not None and not 0 < density <= 1:
+        raise click.UsageError("--density must be in (0, 1]")
+    return k, density
+
+
+def say(message: str, quiet: bool = False) -> None:
+    """A status line on stderr (stdout is for results, e.g. --json)."""
+    if not quiet:
+        click.echo(message, err=True)
+
+
+def progress(iterable: Any, total: int | None, desc: str, quiet: bool) -> Any:
+    """A tqdm bar on stderr, hidden with --quiet or when stderr is not a terminal."""
+    if quiet:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="tensor", file=sys.stderr, leave=False,
+                disable=None, dynamic_ncols=True)
