@@ -50,12 +50,22 @@ def tensor_digest(dtype: str, shape: tuple[int, ...], raw: np.ndarray) -> str:
 def checkpoint_digests(ckpt: Checkpoint, names: Iterable[str] | None = None) -> dict[str, str]:
     """Digests of the named tensors (default: every floating-point tensor, tied copies once)."""
     if names is None:
-        names = [n for n, t in ckpt.tensors.items() if t.dtype in FLOAT_DTYPES and n not in ckpt.aliases]
+        names = [n for n, t in ckpt.tensors.items() if t.dtype in FLOAT_DTYPES and n not in _tied_duplicates(ckpt)]
     out = {}
     for name in names:
         t = ckpt.tensors[name]
         out[name] = tensor_digest(t.dtype, t.shape, ckpt.array(name))
     return out
+
+
+def _tied_duplicates(ckpt: Checkpoint) -> set[str]:
+    """Names sharing storage with a name that sorts earlier (spec: counted once, first name)."""
+    groups: dict[str, set[str]] = {}
+    for name, target in ckpt.aliases.items():
+        while target in ckpt.aliases:
+            target = ckpt.aliases[target]
+        groups.setdefault(target, {target}).add(name)
+    return {n for group in groups.values() for n in group if n != min(group)}
 
 
 def model_fingerprint(digests: dict[str, str]) -> str:

@@ -86,9 +86,9 @@ class SafetensorsFile:
             raise FormatError("not a safetensors file (shorter than its 8-byte header length)")
         n = int.from_bytes(prefix, "little")
         if n > MAX_HEADER_BYTES:
-            raise FormatError(f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+            raise FormatError(f"not a safetensors file: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
         if n > size - 8:
-            raise FormatError(f"header length {n} runs past the end of the {size}-byte file (truncated?)")
+            raise FormatError(f"not a safetensors file, or truncated: header length {n} runs past the end of the {size}-byte file")
         if n < 2:
             raise FormatError("header is too short to be a JSON object")
         raw = f.read(n)

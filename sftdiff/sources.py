@@ -11,12 +11,12 @@ from .errors import FormatError
 
 def open_diff(source: str, base: Any = None) -> SparseDiff:
     """Load `source` as a diff. `.sft` files are read directly; other formats are converted by
-    `sftdiff.convert` (taking shapes from `base`, a `Checkpoint`, where the format lacks them)."""
+    `sftdiff.formats` (taking shapes from `base`, a `Checkpoint`, where the format lacks them)."""
     path = Path(source)
     if path.is_file() and _is_sft(path):
         return SparseDiff.load(path)
     try:
-        from .convert import load_foreign
+        from .formats import load_foreign
     except ImportError:
         load_foreign = None
     if load_foreign is not None:
