@@ -281,3 +281,19 @@ def test_unknown_minor_version_and_fields_are_accepted(tmp_path):
     d = SparseDiff.load(path)
     d.validate()
     assert d.meta.extra == {"future": {"anything": True}}
+
+
+def test_spec_worked_example_matches_library_bytes(tmp_path):
+    """spec/format.md section 9 shows a file byte by byte; the library must write exactly it."""
+    e = SparseEntry.from_float((2, 3), np.array([1, 5]), np.array([0.5, -2.0], np.float32), "F32", "F32")
+    SparseDiff({"w": e}, DiffMeta(base={"hint": "tiny", "fingerprint": None})).save(tmp_path / "ex.sft")
+    blob = (tmp_path / "ex.sft").read_bytes()
+    spec = (REPO / "spec/format.md").read_text()
+    assert f"The file is {len(blob)} bytes" in spec
+    example = spec.split("## 9.")[1].split("```")[1]
+    spaced = " ".join(example.split())
+    for start, end in ((0, 8), (336, 344), (344, 352)):
+        assert blob[start:end].hex(" ")[:11] in spaced and blob[start:end].hex(" ")[12:] in spaced
+    header = blob[8:336].decode()
+    assert header.endswith("   ") and " " not in header.rstrip()
+    assert header.rstrip() in "".join(example.split())
