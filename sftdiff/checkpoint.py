@@ -45,13 +45,14 @@ class Checkpoint:
 
     def __init__(self, tensors: dict[str, TensorMeta], loader: Callable[[str], np.ndarray],
                  path: str | None = None, weight_files: Iterable[str] = (), config: dict | None = None,
-                 aliases: Mapping[str, str] | None = None):
+                 aliases: Mapping[str, str] | None = None, releaser: Callable[[str], None] | None = None):
         self.tensors = tensors
         self._loader = loader
         self.path = path
         self.weight_files = list(weight_files)  # paths of the files that hold weights
         self.config = config
         self.aliases = dict(aliases or {})  # name -> name it shares storage with (tied weights)
+        self._releaser = releaser
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -66,6 +67,12 @@ class Checkpoint:
         """Raw values of a tensor, shaped (BF16 as uint16)."""
         return self._loader(name)
 
+    def release(self, name: str) -> None:
+        """Let go of the memory a tensor's earlier `array` calls mapped (a no-op where nothing is
+        mapped); arrays already handed out stay valid."""
+        if self._releaser is not None:
+            self._releaser(name)
+
     @property
     def hint(self) -> str | None:
         return self.path
@@ -77,7 +84,11 @@ class Checkpoint:
         """A Hugging Face checkpoint folder (single or sharded safetensors or .bin), or one file."""
         p = Path(path)
         if not p.exists():
-            raise FormatError(f"{p}: no such file or folder")
+            from . import hub
+
+            if not hub.looks_like_repo_id(str(path)):
+                raise FormatError(f"{p}: no such file or folder")
+            p = hub.resolve(str(path))
         if p.is_file():
             if p.suffix == ".safetensors":
                 return _from_safetensors([p], str(p), None)
@@ -132,8 +143,8 @@ def tied_aliases(state_dict: Mapping[str, Any]) -> dict[str, str]:
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: unreadable JSON ({e.__class__.__name__}: {e})") from None
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8/JSON, or a 4300+-digit integer
+        raise FormatError(f"{path}: unreadable JSON ({e.__class__.__name__}: {str(e)[:200]})") from None
 
 
 def _shards(folder: Path, index_name: str) -> list[Path]:
@@ -162,7 +173,8 @@ def _from_safetensors(files: list[Path], path: str, config: dict | None) -> Chec
                 raise FormatError(f"{file}: tensor {name!r} also appears in {tensors[name].file}")
             tensors[name] = TensorMeta(name, t.dtype, t.shape, str(file))
             opened[name] = st
-    return Checkpoint(tensors, lambda name: opened[name].array(name), path, [str(f) for f in files], config)
+    return Checkpoint(tensors, lambda name: opened[name].array(name), path, [str(f) for f in files], config,
+                      releaser=lambda name: opened[name].release(name))
 
 
 _TORCH_TO_ST = {
@@ -203,7 +215,13 @@ def _from_bin(files: list[Path], path: str, config: dict | None) -> Checkpoint:
     tensors: dict[str, TensorMeta] = {}
     for file in files:
         try:
-            loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                # Files from the legacy (pre-zip) torch.save format cannot be mapped.
+                loaded = torch.load(file, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
             raise FormatError(f"{file}: refused to load: it is not a plain tensor file ({first[:200]})") from None

@@ -96,7 +96,7 @@ class SafetensorsFile:
             raise FormatError("header does not start with '{' (not a safetensors file?)")
         try:
             header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:  # ValueError: bad UTF-8/JSON, or an integer of > 4300 digits
             raise FormatError(f"header is not valid UTF-8 JSON ({e.__class__.__name__})") from None
         if not isinstance(header, dict):
             raise FormatError("header is not a JSON object")
@@ -129,6 +129,15 @@ class SafetensorsFile:
             return np.empty(t.shape, dtype=dtype)
         flat = np.frombuffer(self._map, dtype=dtype, count=t.numel, offset=t.start)
         return flat.reshape(t.shape)
+
+    def release(self, name: str) -> None:
+        """Drop a tensor's pages from this process's mapping (the OS page cache keeps them), so a
+        pass over files larger than memory keeps the resident size bounded; reads map them again."""
+        t = self.tensors[name]
+        if self._map is None or t.nbytes == 0 or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = t.start - t.start % mmap.PAGESIZE  # madvise needs a page-aligned start
+        self._map.madvise(mmap.MADV_DONTNEED, start, t.end - start)
 
     def read_bytes(self, start: int, length: int) -> bytes:
         """Raw bytes of the file (used for fingerprint sampling)."""

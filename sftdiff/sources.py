@@ -6,24 +6,18 @@ from pathlib import Path
 from typing import Any
 
 from .diff import SparseDiff
-from .errors import FormatError
 
 
 def open_diff(source: str, base: Any = None) -> SparseDiff:
-    """Load `source` as a diff. `.sft` files are read directly; other formats are converted by
-    `sftdiff.formats` (taking shapes from `base`, a `Checkpoint`, where the format lacks them)."""
+    """Load `source` as a diff. `.sft` files are read directly; anything else (another framework's
+    format, a folder, a Hub repo id) goes through `sftdiff.formats.load_foreign`, which takes
+    shapes and name spellings from `base` (a `Checkpoint`) where the format lacks them."""
     path = Path(source)
     if path.is_file() and _is_sft(path):
         return SparseDiff.load(path)
-    try:
-        from .formats import load_foreign
-    except ImportError:
-        load_foreign = None
-    if load_foreign is not None:
-        return load_foreign(source, base=base)
-    if not path.exists():
-        raise FormatError(f"{source}: no such file")
-    return SparseDiff.load(path)
+    from .formats import load_foreign
+
+    return load_foreign(source, base=base)
 
 
 def _is_sft(path: Path) -> bool:

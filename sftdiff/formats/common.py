@@ -1,0 +1,251 @@
+"""Helpers the importers and exporters share: canonical sparse entries, top-k over dense deltas,
+names and shapes from a base, adapter folders."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+
+from .. import __version__
+from ..checkpoint import Checkpoint
+from ..diff import DenseEntry, DiffMeta, Entry, SparseDiff, SparseEntry
+from ..errors import FormatError, UsageError, VerificationError
+from ..names import map_to_base
+from ..select import TopK, per_tensor_count
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_SAFETENSORS = "adapter_model.safetensors"
+ADAPTER_BIN = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."
+
+
+def canonical_sparse(shape: tuple[int, ...], indices: np.ndarray, values: np.ndarray, *,
+                     what: str) -> SparseEntry | None:
+    """A canonical entry from indices that may be unsorted, repeated or carry zeros: repeats are
+    summed (as applying them one after another would), zeros dropped. None if nothing is left."""
+    numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    indices = np.asarray(indices).reshape(-1)
+    values = np.asarray(values, dtype=np.float32).reshape(-1)
+    if indices.shape != values.shape:
+        raise FormatError(f"{what}: {indices.size} indices but {values.size} values")
+    if not np.issubdtype(indices.dtype, np.integer):
+        raise FormatError(f"{what}: indices are {indices.dtype}, not integers")
+    if indices.size == 0:
+        return None
+    indices = indices.astype(np.int64, copy=False)
+    if int(indices.min()) < 0 or int(indices.max()) >= numel:
+        raise FormatError(f"{what}: index out of range [0, {numel}) for shape {list(shape)}")
+    if not np.isfinite(values).all():
+        raise FormatError(f"{what}: values contain NaN or infinity")
+    if indices.size > 1 and not bool(np.all(indices[1:] > indices[:-1])):
+        order = np.argsort(indices, kind="stable")
+        indices, values = indices[order], values[order]
+        starts = np.flatnonzero(np.concatenate(([True], indices[1:] != indices[:-1])))
+        indices = indices[starts]
+        values = np.add.reduceat(values.astype(np.float64), starts).astype(np.float32)
+    return SparseEntry.from_float(shape, indices, values)
+
+
+def budget_k(total_numel: int, k: int | None, density: float | None) -> int:
+    """The number of values to keep: -k as given, or density of the tensors' total size
+    (density 1 keeps every nonzero). No budget at all also keeps every nonzero."""
+    if k is not None and density is not None:
+        raise UsageError("give at most one of -k N or --density D")
+    if k is not None:
+        if k < 0:
+            raise UsageError("-k must be a non-negative integer")
+        return int(k)
+    if density is None or density >= 1:
+        if density is not None and density > 1:
+            raise UsageError("--density must be in (0, 1]")
+        return total_numel
+    if not density > 0:
+        raise UsageError("--density must be in (0, 1]")
+    return per_tensor_count(total_numel, density)  # round half up, as `create` does
+
+
+def topk_from_dense(names: list[str], shape_of: Callable[[str], tuple[int, ...]],
+                    delta_of: Callable[[str], np.ndarray], k: int | None, density: float | None
+                    ) -> dict[str, SparseEntry]:
+    """Global top-k over dense deltas computed one tensor at a time (twice: select, then gather),
+    with `select.TopK`'s tie rule (tensor rank = position in sorted names)."""
+    ordered = sorted(names)
+    total = sum(int(np.prod(shape_of(n), dtype=np.int64)) for n in ordered)
+    keep = budget_k(total, k, density)
+    if keep >= total:
+        chosen = None  # every nonzero: no selection pass needed
+    else:
+        top = TopK(keep)
+        for rank, name in enumerate(ordered):
+            top.offer(rank, np.abs(np.asarray(delta_of(name), dtype=np.float32)).reshape(-1))
+        chosen = top.result()
+    out: dict[str, SparseEntry] = {}
+    for rank, name in enumerate(ordered):
+        if chosen is not None and rank not in chosen:
+            continue
+        flat = np.asarray(delta_of(name), dtype=np.float32).reshape(-1)
+        if not np.isfinite(flat).all():
+            raise FormatError(f"{name}: delta contains NaN or infinity")
+        idx = np.flatnonzero(flat) if chosen is None else chosen[rank]
+        entry = SparseEntry.from_float(tuple(shape_of(name)), idx, flat[idx])
+        if entry is not None:
+            out[name] = entry
+    return out
+
+
+def topk_sparse(entries: Mapping[str, Entry], k: int | None, density: float | None) -> dict[str, Entry]:
+    """Keep the top-k sparse values of a diff (dense entries stay); density is relative to the
+    sparse entries' total size."""
+    sparse = sorted(n for n, e in entries.items() if isinstance(e, SparseEntry))
+    total = sum(entries[n].numel for n in sparse)
+    keep = budget_k(total, k, density)
+    out: dict[str, Entry] = {n: e for n, e in entries.items() if not isinstance(e, SparseEntry)}
+    if keep >= sum(entries[n].nnz for n in sparse):
+        out.update({n: entries[n] for n in sparse})
+        return out
+    top = TopK(keep)
+    for rank, name in enumerate(sparse):
+        top.offer(rank, np.abs(entries[name].values_f32()))
+    for rank, positions in top.result().items():
+        e = entries[sparse[rank]]
+        out[sparse[rank]] = SparseEntry(e.shape, e.indices[positions], e.values[positions], e.dtype, e.base_dtype)
+    return out
+
+
+def rename_to_base(entries: Mapping[str, Entry], base: Checkpoint, *, source: str) -> dict[str, Entry]:
+    """Entries keyed by the base's spelling of each name, shapes checked against the base."""
+    mapping = map_to_base(base.tensors, entries)
+    out: dict[str, Entry] = {}
+    for name, entry in entries.items():
+        target = mapping[name]
+        if target is None:
+            raise VerificationError(f"{source}: parameter {name!r} does not exist in the base {base.path}")
+        if tuple(base.tensors[target].shape) != tuple(entry.shape):
+            raise VerificationError(
+                f"{source}: {name!r} has shape {list(entry.shape)} but the base's {target!r} is "
+                f"{list(base.tensors[target].shape)}; is this the right base?"
+            )
+        out[target] = _with_base_dtype(entry, base.tensors[target].dtype)
+    return out
+
+
+def _with_base_dtype(entry: Entry, dtype: str) -> Entry:
+    if isinstance(entry, SparseEntry):
+        return SparseEntry(entry.shape, entry.indices, entry.values, entry.dtype, dtype)
+    return DenseEntry(entry.values, entry.dtype, dtype)
+
+
+def base_meta(base: Checkpoint | None, hint: str | None, names: Iterable[str]) -> dict[str, Any]:
+    """The `base` metadata object: hint, and with a base at hand its fingerprint and digests."""
+    if base is None:
+        return {"hint": hint, "fingerprint": None}
+    from ..dtypes import FLOAT_DTYPES
+    from ..fingerprint import checkpoint_digests, model_fingerprint
+
+    digests = checkpoint_digests(base)
+    return {
+        "hint": hint or base.path,
+        "fingerprint": model_fingerprint(digests),
+        "tensors": {n: digests[n] for n in names if n in digests},
+        "numel": sum(t.numel for n, t in base.tensors.items() if t.dtype in FLOAT_DTYPES and n not in base.aliases),
+    }
+
+
+def import_meta(fmt: str, source: str, base: Checkpoint | None, hint: str | None,
+                names: Iterable[str], **extra: Any) -> DiffMeta:
+    origin = {"tool": f"sftdiff {__version__}", "method": "convert", "from": fmt, "source": source}
+    origin.update({k: v for k, v in extra.items() if v is not None})
+    return DiffMeta(base=base_meta(base, hint, names), origin=origin)
+
+
+def make_diff(entries: Mapping[str, Entry], fmt: str, source: str, base: Checkpoint | None,
+              hint: str | None = None, **extra: Any) -> SparseDiff:
+    """A diff from imported entries: names respelled as the base spells them when there is one."""
+    if base is not None:
+        entries = rename_to_base(entries, base, source=source)
+    return SparseDiff(dict(entries), import_meta(fmt, source, base, hint, entries, **extra))
+
+
+# ---------------------------------------------------------------- adapter folders
+
+
+def read_adapter_config(folder: Path) -> dict[str, Any]:
+    path = folder / ADAPTER_CONFIG
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FormatError(f"{folder}: no {ADAPTER_CONFIG} (not a PEFT adapter folder)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: unreadable JSON ({e.__class__.__name__})") from None
+    if not isinstance(config, dict):
+        raise FormatError(f"{path}: must hold a JSON object")
+    return config
+
+
+def read_adapter_weights(folder: Path) -> dict[str, np.ndarray]:
+    """The adapter's tensors as float32/int numpy arrays (safetensors preferred; .bin loaded with
+    torch's weights_only loader)."""
+    st_path, bin_path = folder / ADAPTER_SAFETENSORS, folder / ADAPTER_BIN
+    if st_path.is_file():
+        from ..dtypes import to_float32
+        from ..safetensors_io import SafetensorsFile
+
+        st = SafetensorsFile(st_path)
+        return {name: (to_float32(st.array(name), t.dtype) if t.dtype in ("BF16", "F16") else st.array(name))
+                for name, t in st.tensors.items()}
+    if bin_path.is_file():
+        ckpt = Checkpoint.open(bin_path)
+        from ..dtypes import to_float32
+
+        return {name: (to_float32(ckpt.array(name), t.dtype) if t.dtype in ("BF16", "F16") else ckpt.array(name))
+                for name, t in ckpt.tensors.items()}
+    raise FormatError(f"{folder}: no {ADAPTER_SAFETENSORS} or {ADAPTER_BIN}")
+
+
+def adapter_base(config: Mapping[str, Any], base: Checkpoint | None, folder: Path,
+                 *, needed_for: str) -> Checkpoint:
+    """The base an adapter applies to: the one given, else its base_model_name_or_path if that
+    resolves locally (a folder, or a Hub id in the local cache)."""
+    if base is not None:
+        return base
+    hint = config.get("base_model_name_or_path")
+    if isinstance(hint, str) and hint:
+        from .. import hub
+
+        if os.path.exists(hint) or hub.looks_like_repo_id(hint):
+            try:
+                return Checkpoint.open(hint)
+            except FormatError as e:
+                raise FormatError(
+                    f"{folder}: {needed_for} needs the base model, and its base_model_name_or_path "
+                    f"{hint!r} did not resolve ({e}); pass --base"
+                ) from None
+    raise FormatError(f"{folder}: {needed_for} needs the base model's shapes; pass --base BASE")
+
+
+def strip_peft_prefix(key: str, folder: Path) -> str:
+    if not key.startswith(PEFT_PREFIX):
+        raise FormatError(f"{folder}: tensor {key!r} does not start with {PEFT_PREFIX!r}")
+    return key[len(PEFT_PREFIX):]
+
+
+def write_adapter(out: Path, config: dict[str, Any], tensors: Mapping[str, np.ndarray], *,
+                  overwrite: bool) -> None:
+    """An adapter folder (adapter_config.json + adapter_model.safetensors), written atomically."""
+    from ..atomic import atomic_path
+    from ..safetensors_io import StreamingWriter
+    from ..checkpoint import numpy_dtype_name
+
+    names = sorted(tensors)
+    specs = [(n, numpy_dtype_name(np.asarray(tensors[n]).dtype), tuple(np.shape(tensors[n]))) for n in names]
+    with atomic_path(out, overwrite=overwrite, directory=True) as tmp:
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        with open(tmp / ADAPTER_SAFETENSORS, "wb") as f:
+            writer = StreamingWriter(f, specs, {"format": "pt"})
+            for n in names:
+                writer.write(n, tensors[n])
+            writer.close()

@@ -1,0 +1,132 @@
+"""composable-sft's `pytorch_diff.bin` (Ansell et al.'s reference implementation).
+
+The file is a torch.save pickle of `{'diffs': {name: {'size', 'index_steps', 'values'}},
+'abs': {name: tensor}}`. `index_steps` delta-encodes sorted flat indices in which the FIRST
+dimension varies fastest (column-major), so indices are remapped to row-major and re-sorted with
+their values. Import needs no torch (see `torch_pickle`); export uses torch.save, as
+composable-sft reads its files with torch.load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..checkpoint import Checkpoint
+from ..diff import DenseEntry, Entry, SparseDiff
+from ..errors import FormatError
+from .common import canonical_sparse, make_diff
+from .torch_pickle import TorchArray, load_torch_zip
+
+FILE_NAME = "pytorch_diff.bin"
+
+
+def column_major_to_row_major(indices: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Flat indices with the first dimension fastest → flat row-major indices (not re-sorted)."""
+    if len(shape) <= 1:
+        return np.asarray(indices, dtype=np.int64)
+    coords = np.unravel_index(np.asarray(indices, dtype=np.int64), shape, order="F")
+    return np.ravel_multi_index(coords, shape, order="C").astype(np.int64)
+
+
+def row_major_to_column_major(indices: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if len(shape) <= 1:
+        return np.asarray(indices, dtype=np.int64)
+    coords = np.unravel_index(np.asarray(indices, dtype=np.int64), shape, order="C")
+    return np.ravel_multi_index(coords, shape, order="F").astype(np.int64)
+
+
+def _float_values(t: Any, where: str) -> np.ndarray:
+    if not isinstance(t, TorchArray):
+        raise FormatError(f"{where} is not a tensor")
+    if t.bfloat16:
+        from ..dtypes import to_float32
+
+        return to_float32(t.array, "BF16")
+    if t.array.dtype.kind != "f":
+        raise FormatError(f"{where} holds {t.array.dtype} values, expected floating point")
+    return t.array.astype(np.float32)
+
+
+def _decode_steps(steps: Any, where: str) -> np.ndarray:
+    """Sorted flat indices from their delta encoding (numpy infers int64 only for integers)."""
+    if not isinstance(steps, list):
+        raise FormatError(f"{where}: index_steps must be a list of integers")
+    array = np.asarray(steps) if steps else np.empty(0, dtype=np.int64)
+    if array.ndim != 1 or array.dtype.kind not in "iu":
+        raise FormatError(f"{where}: index_steps must be a list of integers that fit in 64 bits")
+    if array.size and array.min() < 0:
+        raise FormatError(f"{where}: index_steps must not be negative")
+    return np.cumsum(array.astype(np.int64))
+
+
+def read_composable(path: str | Path) -> dict[str, Entry]:
+    """Entries of a pytorch_diff.bin, keyed by its own parameter names."""
+    obj = load_torch_zip(path)
+    if not isinstance(obj, dict) or not isinstance(obj.get("diffs", {}), dict) or not isinstance(obj.get("abs", {}), dict):
+        raise FormatError(f"{path}: not a composable-sft diff (expected a dict with 'diffs' and 'abs')")
+    entries: dict[str, Entry] = {}
+    for name, d in obj.get("diffs", {}).items():
+        where = f"{path}: diff {name!r}"
+        if not isinstance(name, str) or not isinstance(d, dict) or set(d) < {"size", "index_steps", "values"}:
+            raise FormatError(f"{where}: needs 'size', 'index_steps' and 'values'")
+        shape = d["size"]
+        if not isinstance(shape, tuple):
+            raise FormatError(f"{where}: 'size' is not a torch.Size")
+        flat = _decode_steps(d["index_steps"], where)
+        values = _float_values(d["values"], f"{where}: 'values'").reshape(-1)
+        numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if flat.size and flat[-1] >= numel:
+            raise FormatError(f"{where}: index out of range for size {list(shape)}")
+        entry = canonical_sparse(shape, column_major_to_row_major(flat, shape), values, what=where)
+        if entry is not None:
+            entries[name] = entry
+    for name, t in obj.get("abs", {}).items():
+        where = f"{path}: abs {name!r}"
+        if not isinstance(name, str):
+            raise FormatError(f"{where}: parameter names must be strings")
+        if name in entries:
+            raise FormatError(f"{where}: also has a sparse diff")
+        values = _float_values(t, where)
+        if not np.isfinite(values).all():
+            raise FormatError(f"{where}: values contain NaN or infinity")
+        if isinstance(t, TorchArray) and t.bfloat16:
+            entries[name] = DenseEntry(t.array.copy(), "BF16")
+        else:
+            entries[name] = DenseEntry(values, "F32")
+    return entries
+
+
+def load_composable(path: Path, base: Checkpoint | None, source: str) -> SparseDiff:
+    file = path / FILE_NAME if path.is_dir() else path
+    return make_diff(read_composable(file), "composable-sft", source, base)
+
+
+def export_composable(diff: SparseDiff, out: Path, *, overwrite: bool) -> Path:
+    """Write `diff` as composable-sft's pytorch_diff.bin (into OUT/ unless OUT names a .bin)."""
+    import torch
+
+    from ..atomic import atomic_path
+
+    target_is_file = out.suffix == ".bin"
+    diffs: dict[str, Any] = {}
+    dense: dict[str, Any] = {}
+    for name in sorted(diff.entries):
+        entry = diff.entries[name]
+        values = torch.from_numpy(np.array(entry.values_f32(), dtype=np.float32, copy=True))
+        if isinstance(entry, DenseEntry):
+            dense[name] = values.reshape(entry.shape)
+            continue
+        flat = row_major_to_column_major(entry.indices, entry.shape)
+        order = np.argsort(flat, kind="stable")
+        flat = flat[order]
+        steps = np.diff(flat, prepend=0)
+        # composable-sft writes the first step as a numpy int64 scalar and the rest as Python ints.
+        index_steps = [np.int64(steps[0])] + steps[1:].tolist() if steps.size else []
+        diffs[name] = {"size": torch.Size(entry.shape), "index_steps": index_steps, "values": values[order]}
+    payload = {"diffs": diffs, "abs": dense}
+    with atomic_path(out, overwrite=overwrite, directory=not target_is_file) as tmp:
+        torch.save(payload, tmp if target_is_file else tmp / FILE_NAME)
+    return out if target_is_file else out / FILE_NAME

@@ -1,0 +1,248 @@
+"""composable-sft pytorch_diff.bin: reference fixtures, remapping, round trips, refusing code."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from sftdiff.diff import DenseEntry, SparseDiff, SparseEntry
+from sftdiff.errors import FormatError
+from sftdiff.formats import convert, load_foreign
+from sftdiff.formats.composable import read_composable
+
+
+def fixtures_root() -> Path:
+    env = os.environ.get("SFTDIFF_FIXTURES")
+    root = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+    folder = root / "composable-sft"
+    assert folder.is_dir(), f"composable-sft fixtures missing at {folder} (set SFTDIFF_FIXTURES)"
+    return folder
+
+
+FIXTURES = sorted(p.name for p in fixtures_root().iterdir() if (p / "pytorch_diff.bin").is_file())
+
+
+def test_fixtures_present():
+    assert set(FIXTURES) >= {"lang-sft-small", "task-sft-small"}
+
+
+def expected_entries(folder: Path) -> tuple[dict, dict, dict]:
+    raw = load_file(str(folder / "expected.safetensors"))
+    shapes = {k: tuple(v) for k, v in json.loads((folder / "shapes.json").read_text()).items()}
+    sparse = {k[len("diff/"): -len("/c_order_indices")]: (raw[k], raw[k.replace("c_order_indices", "values")])
+              for k in raw if k.endswith("/c_order_indices")}
+    dense = {k[len("abs/"):]: raw[k] for k in raw if k.startswith("abs/")}
+    return sparse, dense, shapes
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_fixture_imports_to_expected_tensors(name):
+    folder = fixtures_root() / name
+    sparse, dense, shapes = expected_entries(folder)
+    entries = read_composable(folder / "pytorch_diff.bin")
+    assert set(entries) == set(sparse) | set(dense)
+    for param, (indices, values) in sparse.items():
+        e = entries[param]
+        assert isinstance(e, SparseEntry) and e.shape == shapes[param]
+        np.testing.assert_array_equal(e.indices, indices)
+        np.testing.assert_array_equal(e.values_f32(), values)
+    for param, values in dense.items():
+        e = entries[param]
+        assert isinstance(e, DenseEntry) and e.shape == shapes[param]
+        np.testing.assert_array_equal(e.values_f32(), values)
+
+
+def test_import_needs_no_torch(tmp_path):
+    bin_path = fixtures_root() / FIXTURES[0] / "pytorch_diff.bin"
+    code = ("import sys; from sftdiff.formats import load_foreign; d = load_foreign(sys.argv[1]); "
+            "d.save(sys.argv[2]); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(bin_path), str(tmp_path / "a.sft")],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_export_then_import_round_trips(name, tmp_path):
+    import torch
+
+    src = fixtures_root() / name
+    original = load_foreign(str(src))  # a folder holding pytorch_diff.bin
+    sft = tmp_path / "a.sft"
+    convert(str(src / "pytorch_diff.bin"), sft)
+    result = convert(str(sft), tmp_path / "exported", to_format="composable-sft")
+    exported = result.output
+    assert exported == tmp_path / "exported" / "pytorch_diff.bin"
+
+    # What composable-sft's own loader (torch.load) sees: the same layout and numbers as the original.
+    ours = torch.load(exported, weights_only=False)
+    theirs = torch.load(src / "pytorch_diff.bin", weights_only=False)
+    assert set(ours["diffs"]) == set(theirs["diffs"]) and set(ours["abs"]) == set(theirs["abs"])
+    for param, d in theirs["diffs"].items():
+        assert ours["diffs"][param]["size"] == d["size"]
+        assert isinstance(ours["diffs"][param]["index_steps"][0], np.int64)
+        np.testing.assert_array_equal(np.cumsum(ours["diffs"][param]["index_steps"]), np.cumsum(d["index_steps"]))
+        torch.testing.assert_close(ours["diffs"][param]["values"], d["values"], rtol=0, atol=0)
+    for param, t in theirs["abs"].items():
+        torch.testing.assert_close(ours["abs"][param], t, rtol=0, atol=0)
+
+    back = load_foreign(str(exported))
+    assert set(back.entries) == set(original.entries)
+    for param, e in original.entries.items():
+        np.testing.assert_array_equal(back.entries[param].values_f32(), e.values_f32())
+        if isinstance(e, SparseEntry):
+            np.testing.assert_array_equal(back.entries[param].indices, e.indices)
+
+
+def _composable_file(path: Path, dense_by_name: dict[str, np.ndarray]) -> None:
+    """Write a pytorch_diff.bin as composable-sft does, its indices counted first-dimension-fastest."""
+    import torch
+
+    diffs = {}
+    for name, dense in dense_by_name.items():
+        column_major = dense.reshape(-1, order="F")
+        idx = np.flatnonzero(column_major)
+        steps = np.diff(idx, prepend=0)
+        diffs[name] = {"size": torch.Size(dense.shape), "index_steps": [np.int64(steps[0])] + steps[1:].tolist(),
+                       "values": torch.from_numpy(column_major[idx].copy())}
+    torch.save({"diffs": diffs, "abs": {}}, path)
+
+
+@pytest.mark.parametrize("shape", [(7,), (5, 3), (4, 3, 5), (2, 3, 4, 5)])
+def test_any_rank_is_remapped_to_row_major(shape, tmp_path):
+    rng = np.random.default_rng(len(shape))
+    dense = np.where(rng.random(shape) < 0.3, rng.standard_normal(shape), 0).astype(np.float32)
+    _composable_file(tmp_path / "pytorch_diff.bin", {"w": dense})
+    entry = read_composable(tmp_path / "pytorch_diff.bin")["w"]
+    assert bool(np.all(np.diff(entry.indices) > 0))
+    np.testing.assert_array_equal(entry.to_dense(), dense)
+    # And back: the export puts every value at the same coordinate again.
+    convert(str(tmp_path / "pytorch_diff.bin"), tmp_path / "rt.bin", to_format="composable-sft")
+    np.testing.assert_array_equal(read_composable(tmp_path / "rt.bin")["w"].to_dense(), dense)
+
+
+# ---------------------------------------------------------------- hostile files
+
+
+def _archive(path: Path, pickled: bytes, storages: dict[str, bytes] | None = None) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", pickled)
+        z.writestr("archive/byteorder", "little")
+        for key, data in (storages or {}).items():
+            z.writestr(f"archive/data/{key}", data)
+    return path
+
+
+class _RunsShell:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _Exec:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import builtins
+
+        return (builtins.exec, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
+class _SubclassReduce(dict):
+    """A dict subclass whose __reduce__ names the subprocess machinery."""
+
+    def __init__(self, marker: Path):
+        super().__init__()
+        self.marker = marker
+
+    def __reduce__(self):
+        return (subprocess.call, (["touch", str(self.marker)],))
+
+
+@pytest.mark.parametrize("payload,named", [(_RunsShell, "system"), (_Exec, "exec"), (_SubclassReduce, "call")])
+def test_pickle_that_runs_code_is_refused(payload, named, tmp_path):
+    marker = tmp_path / "pwned"
+    obj = {"diffs": {"w": {"size": (3,), "index_steps": [0], "values": payload(marker)}}, "abs": {}}
+    bad = _archive(tmp_path / "pytorch_diff.bin", pickle.dumps(obj, protocol=2))
+    with pytest.raises(FormatError, match=rf"refused to load: the pickle names .*{named}"):
+        load_foreign(str(bad))
+    assert not marker.exists()
+    # Through the CLI: one line, exit code 3, still nothing ran.
+    proc = subprocess.run([sys.executable, "-m", "sftdiff", "inspect", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 3 and "refused to load" in proc.stderr and "Traceback" not in proc.stderr
+    assert not marker.exists()
+
+
+def test_storage_size_must_match_the_archive(tmp_path):
+    import torch
+
+    good = tmp_path / "good.bin"
+    torch.save({"diffs": {}, "abs": {"b": torch.ones(4)}}, good)
+    with zipfile.ZipFile(good) as z:
+        members = {i.filename: z.read(i) for i in z.infolist()}
+    prefix = next(n for n in members if n.endswith("data.pkl"))[: -len("data.pkl")]
+    bad = tmp_path / "bad.bin"
+    with zipfile.ZipFile(bad, "w", zipfile.ZIP_STORED) as z:
+        for name, data in members.items():
+            z.writestr(name, data[:8] if name == prefix + "data/0" else data)
+    with pytest.raises(FormatError, match="holds 8 bytes, the pickle says 16"):
+        read_composable(bad)
+
+
+def test_tensor_view_past_its_storage_is_refused(tmp_path):
+    import torch
+
+    t = torch.arange(6, dtype=torch.float32)
+    buf = io.BytesIO()
+    torch.save({"diffs": {}, "abs": {"b": t}}, buf)
+    with zipfile.ZipFile(buf) as z:
+        members = {i.filename: z.read(i) for i in z.infolist()}
+    pkl_name = next(n for n in members if n.endswith("data.pkl"))
+    # The tensor claims 6 elements from offset 3 of a 6-element storage.
+    members[pkl_name] = members[pkl_name].replace(b"K\x00K\x06\x85", b"K\x03K\x06\x85")
+    bad = tmp_path / "view.bin"
+    with zipfile.ZipFile(bad, "w", zipfile.ZIP_STORED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    with pytest.raises(FormatError, match="past the end of its storage"):
+        read_composable(bad)
+
+
+def test_legacy_and_garbage_files_are_refused_clearly(tmp_path):
+    legacy = tmp_path / "legacy.bin"
+    legacy.write_bytes(pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2) + b"rest")
+    with pytest.raises(FormatError, match="legacy .* not supported"):
+        read_composable(legacy)
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"not a torch file")
+    with pytest.raises(FormatError, match="not a torch.save archive"):
+        read_composable(junk)
+
+
+def test_cli_convert_and_inspect(tmp_path):
+    folder = fixtures_root() / "lang-sft-small"
+    out = tmp_path / "lang.sft"
+    proc = subprocess.run([sys.executable, "-m", "sftdiff", "convert", str(folder / "pytorch_diff.bin"), "-o", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    diff = SparseDiff.load(out)
+    diff.validate()
+    assert diff.meta.origin["from"] == "composable-sft"
+    sparse, dense, _ = expected_entries(folder)
+    assert diff.nnz == sum(len(i) for i, _ in sparse.values())
+    proc = subprocess.run([sys.executable, "-m", "sftdiff", "inspect", "--json", str(folder)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["totals"]["dense_entries"] == len(dense)
