@@ -77,6 +77,34 @@ class Checkpoint:
     def hint(self) -> str | None:
         return self.path
 
+    def tied_copies(self, keep: Callable[[str], bool] | None = None) -> set[str]:
+        """Names sharing storage with another name that is kept instead (each tied group once).
+
+        The kept member is the first name in code point order (as fingerprints count them), or
+        the first for which `keep(name)` is true when a predicate is given."""
+        groups: dict[str, set[str]] = {}
+        for name, target in self.aliases.items():
+            while target in self.aliases:
+                target = self.aliases[target]
+            groups.setdefault(target, {target}).add(name)
+        copies: set[str] = set()
+        for group in groups.values():
+            ordered = sorted(group)
+            preferred = [n for n in ordered if keep is None or keep(n)]
+            kept = preferred[0] if preferred else ordered[0]
+            copies.update(n for n in group if n != kept)
+        return copies
+
+    def float_names(self) -> list[str]:
+        """Floating-point tensors, tied weights once: what fingerprints and densities count."""
+        from .dtypes import FLOAT_DTYPES
+
+        copies = self.tied_copies()
+        return [n for n, t in self.tensors.items() if t.dtype in FLOAT_DTYPES and n not in copies]
+
+    def float_numel(self) -> int:
+        return sum(self.tensors[n].numel for n in self.float_names())
+
     # -- constructors
 
     @classmethod

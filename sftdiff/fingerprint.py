@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
 from .checkpoint import Checkpoint
-from .dtypes import FLOAT_DTYPES
 
 SCHEME = "sfp1"
 BLOCK = 4096
@@ -49,23 +48,26 @@ def tensor_digest(dtype: str, shape: tuple[int, ...], raw: np.ndarray) -> str:
 
 def checkpoint_digests(ckpt: Checkpoint, names: Iterable[str] | None = None) -> dict[str, str]:
     """Digests of the named tensors (default: every floating-point tensor, tied copies once)."""
-    if names is None:
-        names = [n for n, t in ckpt.tensors.items() if t.dtype in FLOAT_DTYPES and n not in _tied_duplicates(ckpt)]
     out = {}
-    for name in names:
+    for name in ckpt.float_names() if names is None else names:
         t = ckpt.tensors[name]
         out[name] = tensor_digest(t.dtype, t.shape, ckpt.array(name))
+        # The OS maps whole (huge) pages around each sampled block; over a big model that adds up.
+        ckpt.release(name)
     return out
 
 
-def _tied_duplicates(ckpt: Checkpoint) -> set[str]:
-    """Names sharing storage with a name that sorts earlier (spec: counted once, first name)."""
-    groups: dict[str, set[str]] = {}
-    for name, target in ckpt.aliases.items():
-        while target in ckpt.aliases:
-            target = ckpt.aliases[target]
-        groups.setdefault(target, {target}).add(name)
-    return {n for group in groups.values() for n in group if n != min(group)}
+def base_record(ckpt: Checkpoint, touched: Iterable[str], hint: str | None = None) -> dict[str, Any]:
+    """The `base` metadata of a diff made against `ckpt` that modifies the `touched` tensors."""
+    digests = checkpoint_digests(ckpt)
+    touched = [n for n in touched if n in ckpt.tensors]
+    return {
+        "hint": hint if hint is not None else ckpt.hint,
+        "fingerprint": model_fingerprint(digests),
+        "tensors": {n: digests[n] if n in digests else tensor_digest(
+            ckpt.tensors[n].dtype, ckpt.tensors[n].shape, ckpt.array(n)) for n in sorted(touched)},
+        "numel": ckpt.float_numel(),
+    }
 
 
 def model_fingerprint(digests: dict[str, str]) -> str:

@@ -31,12 +31,15 @@ def _best(mags: np.ndarray, keys: np.ndarray, k: int) -> np.ndarray:
 class TopK:
     """Accumulates candidates tensor by tensor and returns the exact global top-k."""
 
-    def __init__(self, k: int):
+    def __init__(self, k: int, floor: float = 0.0):
+        """`floor`: magnitudes below it are ignored from the start. A caller that knows a lower bound
+        of the k-th largest magnitude saves work; if fewer than k magnitudes reach the floor, the
+        result has fewer than k entries (the caller can then retry with a lower one)."""
         self.k = int(k)
         self._mags: list[np.ndarray] = []
         self._keys: list[np.ndarray] = []  # (rank << 40 | flat index), so keys order as the tie rule
         self._count = 0
-        self._floor = 0.0  # a magnitude below this can no longer make the top-k
+        self._floor = float(floor)  # a magnitude below this can no longer make the top-k
 
     def offer(self, rank: int, magnitudes: np.ndarray) -> None:
         """Offer a tensor's flat magnitudes (float32, non-negative), `rank` its name order."""

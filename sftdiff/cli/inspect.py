@@ -25,11 +25,9 @@ def inspect_cmd(diff: str, as_json: bool, base: str | None, show_all: bool, plot
     base_numel = None
     if base is not None:
         from ..checkpoint import Checkpoint
-        from ..dtypes import FLOAT_DTYPES
 
         checkpoint = Checkpoint.open(base)
-        base_numel = sum(t.numel for n, t in checkpoint.tensors.items()
-                         if t.dtype in FLOAT_DTYPES and n not in checkpoint.aliases)
+        base_numel = checkpoint.float_numel()
     sd = open_diff(diff, base=checkpoint)
     summary = summarize(sd, base_numel=base_numel)
     if as_json:

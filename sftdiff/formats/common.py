@@ -143,16 +143,9 @@ def base_meta(base: Checkpoint | None, hint: str | None, names: Iterable[str]) -
     """The `base` metadata object: hint, and with a base at hand its fingerprint and digests."""
     if base is None:
         return {"hint": hint, "fingerprint": None}
-    from ..dtypes import FLOAT_DTYPES
-    from ..fingerprint import checkpoint_digests, model_fingerprint
+    from ..fingerprint import base_record
 
-    digests = checkpoint_digests(base)
-    return {
-        "hint": hint or base.path,
-        "fingerprint": model_fingerprint(digests),
-        "tensors": {n: digests[n] for n in names if n in digests},
-        "numel": sum(t.numel for n, t in base.tensors.items() if t.dtype in FLOAT_DTYPES and n not in base.aliases),
-    }
+    return base_record(base, names, hint or base.path)
 
 
 def import_meta(fmt: str, source: str, base: Checkpoint | None, hint: str | None,

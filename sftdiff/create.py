@@ -1,0 +1,418 @@
+"""Base + fully fine-tuned checkpoint → exact top-k `SparseDiff` (LT-SFT's first phase).
+
+Two passes over the data, so memory stays at a few slices of one tensor plus O(k) whatever the
+model size. Pass 1 computes |Δ| = |fine-tune − base| in float32, one slice at a time, and offers it
+to `select.TopK`. Each slice gets its own TopK rank, numbered in (parameter name, offset) order, so
+TopK's rule "magnitude desc, rank asc, index asc" is exactly the spec's tie rule "magnitude desc,
+name asc, flat index asc". Pass 2 reads both checkpoints again only at the selected positions and
+computes the stored values (`exact_deltas`), so the whole delta is never held.
+
+Which parameters become what (`plan_entries`): float parameters present in both with the same
+shape are selectable (sparse); parameters only the fine-tune has, or whose shape changed, travel
+as dense replacements (with a warning), as do those named by `dense` globs; integer and bool
+buffers (position ids, ...) are never deltas and are skipped; `include`/`exclude` rule parameters
+out entirely. Names are stored as the base spells them (`names.map_to_base`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from . import __version__
+from . import format as fmt
+from .checkpoint import Checkpoint
+from .diff import DenseEntry, DiffMeta, SparseDiff, SparseEntry
+from .dtypes import FLOAT_DTYPES, VALUE_DTYPES, canonical, from_float32, to_float32, to_float64
+from .errors import FormatError, SftError, UsageError, VerificationError
+from .fingerprint import base_record
+from .names import infer_prefix, map_to_base
+from .select import TopK, per_tensor_count
+
+SCOPES = ("global", "per-tensor")
+# Elements per slice in pass 1: small enough that a slice's float32 work stays in the CPU cache.
+SLICE = 1 << 17
+# config.json fields that differ between any two saves and say nothing about the model.
+CONFIG_NOISE = frozenset({"transformers_version", "_name_or_path", "torch_dtype", "dtype", "_commit_hash",
+                          "_attn_implementation_autoset"})
+F16_MAX = 65504.0
+
+
+class CreateWarning(UserWarning):
+    """Something the user should know about a created diff (a new head stored densely, ...)."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A parameter as stored in the diff (`name`, as the base spells it) and in the fine-tune."""
+
+    name: str
+    source: str
+    reason: str = ""  # for dense entries: "new", "resized" or "requested"
+
+
+@dataclass
+class Plan:
+    sparse: list[Pair] = field(default_factory=list)  # sorted by name
+    dense: list[Pair] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    prefix: tuple[str, str] = ("", "")  # (added, removed): see names.infer_prefix
+
+
+def create_diff(base: Any, finetuned: Any, *, k: int | None = None, density: float | None = None,
+                scope: str = "global", include: Sequence[str] = (), exclude: Sequence[str] = (),
+                dense: Sequence[str] = (), dtype: str = "F32", user: dict | None = None,
+                progress: bool = False) -> SparseDiff:
+    """The top-k (or top-`density`) difference `finetuned − base` as an unsaved `SparseDiff`.
+
+    `base`/`finetuned`: a checkpoint path, a `Checkpoint`, or an in-memory state dict. Warnings
+    (dense entries made because the fine-tune added or resized a parameter, base parameters the
+    fine-tune lacks) are issued as `CreateWarning`.
+    """
+    value_dtype = _value_dtype(dtype)
+    _check_budget(k, density, scope)
+    base_ckpt, base_hint = _checkpoint(base)
+    ft_ckpt, ft_hint = _checkpoint(finetuned)
+    plan = plan_entries(base_ckpt, ft_ckpt, include=include, exclude=exclude, dense=dense)
+    for note in plan.notes:
+        warnings.warn(note, CreateWarning, stacklevel=2)
+
+    numels = [ft_ckpt.tensors[p.source].numel for p in plan.sparse]
+    selectable = sum(numels)
+    if density is not None:
+        fraction = float(density)
+    else:
+        fraction = k / selectable if selectable else 0.0
+    if scope == "global":
+        counts = [k if k is not None else per_tensor_count(selectable, fraction)]
+    else:
+        counts = [per_tensor_count(n, fraction) for n in numels]
+    budget = counts[0] if scope == "global" else counts
+    hint = estimated_floor(base_ckpt, ft_ckpt, plan.sparse, counts[0], selectable) if scope == "global" else 0.0
+    positions = select_positions(base_ckpt, ft_ckpt, plan.sparse, budget, floor=hint, progress=progress)
+    selected = sum(len(v) for v in positions.values())
+    if hint > 0 and selected < counts[0]:  # the estimate was too high: select again without it
+        positions = select_positions(base_ckpt, ft_ckpt, plan.sparse, budget, progress=progress)
+        selected = sum(len(v) for v in positions.values())
+
+    entries: dict[str, SparseEntry | DenseEntry] = {}
+    for pair in _bar([p for p in plan.sparse if p.name in positions], "gather", progress):
+        entry = gather_entry(base_ckpt, ft_ckpt, pair, positions[pair.name], value_dtype)
+        if entry is not None:
+            entries[pair.name] = entry
+    for pair in plan.dense:
+        entries[pair.name] = dense_entry(base_ckpt, ft_ckpt, pair)
+
+    touched = sorted(n for n in entries if n in base_ckpt.tensors)
+    meta = DiffMeta(
+        base=base_record(base_ckpt, touched, base_hint),
+        origin={
+            "tool": f"sftdiff {__version__}", "method": "topk", "scope": scope,
+            "k": int(sum(counts)), "nnz": sum(e.nnz for e in entries.values() if isinstance(e, SparseEntry)),
+            "density": fraction, "selectable_numel": selectable, "selected": selected,
+            "source": ft_hint, "dtype": value_dtype,
+            "include": list(include), "exclude": list(exclude), "dense": list(dense),
+            "name_prefix": {"added": plan.prefix[0], "removed": plan.prefix[1]},
+        },
+        user=dict(user or {}),
+        config_patch=config_patch(base_ckpt.config, ft_ckpt.config),
+    )
+    return SparseDiff(entries, meta)
+
+
+create = create_diff
+
+
+# ---------------------------------------------------------------- options and inputs
+
+
+def _value_dtype(dtype: str) -> str:
+    try:
+        name = canonical(dtype)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if name not in VALUE_DTYPES:
+        raise UsageError(f"values cannot be stored as {dtype}; use float32, bfloat16 or float16")
+    return name
+
+
+def _check_budget(k: int | None, density: float | None, scope: str) -> None:
+    if (k is None) == (density is None):
+        raise UsageError("give exactly one of k (-k N) or density (--density D)")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0):
+        raise UsageError(f"k must be a non-negative integer, got {k!r}")
+    if density is not None and not 0 < density <= 1:
+        raise UsageError(f"density must be in (0, 1], got {density!r}")
+    if scope not in SCOPES:
+        raise UsageError(f"unknown scope {scope!r}; use 'global' or 'per-tensor'")
+
+
+def _checkpoint(source: Any) -> tuple[Checkpoint, str | None]:
+    """The checkpoint and the hint recorded for it (the path as given)."""
+    if isinstance(source, Checkpoint):
+        return source, source.hint
+    if isinstance(source, (str, os.PathLike)):
+        return Checkpoint.open(source), os.fspath(source)
+    if isinstance(source, Mapping):
+        return Checkpoint.from_state_dict(source), None
+    raise TypeError(f"expected a checkpoint path, a Checkpoint or a state dict, got {type(source).__name__}")
+
+
+def _matches(name: str, globs: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, g) for g in globs)
+
+
+def plan_entries(base: Checkpoint, ft: Checkpoint, *, include: Sequence[str] = (), exclude: Sequence[str] = (),
+                 dense: Sequence[str] = ()) -> Plan:
+    """Decide, from headers alone, which parameters are selectable, dense or skipped."""
+    mapping = map_to_base(base.tensors, ft.tensors)
+    added, removed = infer_prefix(base.tensors, ft.tensors)
+    plan = Plan(prefix=(added, removed))
+    ft_copies = ft.tied_copies(keep=lambda n: mapping.get(n) is not None)
+    base_copies = base.tied_copies()
+
+    def allowed(name: str) -> bool:
+        return (not include or _matches(name, include)) and not _matches(name, exclude)
+
+    new, resized, claimed = [], [], {}
+    for source in sorted(ft.tensors):
+        t = ft.tensors[source]
+        if t.dtype not in FLOAT_DTYPES or source in ft_copies:
+            continue  # integer/bool buffers are never trained; a tied copy is its twin
+        target = mapping.get(source)
+        name = target if target is not None else _strip(source, added)
+        if name in claimed:
+            raise VerificationError(f"fine-tune tensors {claimed[name]!r} and {source!r} both map to {name!r}; "
+                                    "the checkpoint mixes prefixed and unprefixed copies of a parameter")
+        claimed[name] = source
+        b = base.tensors.get(target) if target is not None else None
+        if _matches(name, dense):
+            plan.dense.append(Pair(name, source, "requested"))
+        elif not allowed(name):
+            continue
+        elif b is None:
+            plan.dense.append(Pair(name, source, "new"))
+            new.append(name)
+        elif b.dtype not in FLOAT_DTYPES or b.shape != t.shape:
+            plan.dense.append(Pair(name, source, "resized"))
+            resized.append(f"{name} {list(b.shape)}->{list(t.shape)}")
+        else:
+            plan.sparse.append(Pair(name, source))
+
+    _check_related(base, ft, plan, base_copies)
+    missing = sorted(n for n, t in base.tensors.items()
+                     if t.dtype in FLOAT_DTYPES and n not in base_copies and n not in claimed and allowed(n))
+    if new:
+        plan.notes.append(f"{len(new)} parameter(s) only in the fine-tune stored densely: {_some(new)}")
+    if resized:
+        plan.notes.append(f"{len(resized)} parameter(s) with a changed shape stored densely: {_some(resized)}")
+    if missing:
+        plan.notes.append(f"{len(missing)} base parameter(s) missing from the fine-tune, left unchanged: "
+                          f"{_some(missing)}")
+    plan.sparse.sort(key=lambda p: p.name)
+    plan.dense.sort(key=lambda p: p.name)
+    return plan
+
+
+def _strip(name: str, prefix: str) -> str:
+    """A new parameter of a prefixed fine-tune, spelled as the base would (head keys have no prefix)."""
+    return name[len(prefix):] if prefix and name.startswith(prefix) and len(name) > len(prefix) else name
+
+
+def _some(names: Sequence[str], limit: int = 4) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", … ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _check_related(base: Checkpoint, ft: Checkpoint, plan: Plan, base_copies: set[str]) -> None:
+    """Refuse pairs that are not a base and a fine-tune of it (another architecture or size)."""
+    base_float = [n for n, t in base.tensors.items() if t.dtype in FLOAT_DTYPES and n not in base_copies]
+    if not base_float:
+        raise VerificationError(f"base {base.hint or '(state dict)'} has no floating-point parameters")
+    by_name = [p for p in plan.sparse + plan.dense if p.name in base.tensors]
+    same_shape = [p for p in by_name if base.tensors[p.name].shape == ft.tensors[p.source].shape]
+    if len(by_name) * 2 < len(base_float) or len(same_shape) * 2 < len(by_name):
+        raise VerificationError(
+            f"{ft.hint or 'the fine-tune'} does not look like a fine-tune of {base.hint or 'the base'}: "
+            f"{len(by_name)} of {len(base_float)} base parameters match by name, {len(same_shape)} also by shape; "
+            "check the arguments' order and that both are the same architecture and size")
+
+
+def config_patch(base_config: dict | None, ft_config: dict | None) -> dict | None:
+    """Top-level config.json fields the fine-tune sets differently from the base (e.g. its head)."""
+    if not isinstance(base_config, dict) or not isinstance(ft_config, dict):
+        return None
+    missing = object()
+    patch = {key: value for key, value in ft_config.items()
+             if key not in CONFIG_NOISE and base_config.get(key, missing) != value}
+    return patch or None
+
+
+# ---------------------------------------------------------------- pass 1: selection
+
+
+def abs_delta_slices(base_raw: np.ndarray, base_dtype: str, ft_raw: np.ndarray, ft_dtype: str,
+                     size: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """(offset, |ft − base| as float32) for consecutive slices of the flattened tensors.
+
+    The yielded array is a reused buffer, valid until the next step."""
+    size = size or SLICE
+    b, f = base_raw.reshape(-1), ft_raw.reshape(-1)
+    wide = np.float64 if "F64" in (base_dtype, ft_dtype) else np.float32
+    n = min(size, f.size)
+    f_buf, b_buf = np.empty(n, wide), np.empty(n, wide)
+    mags_buf = f_buf if wide is np.float32 else np.empty(n, np.float32)
+    for lo in range(0, f.size, size):
+        m = min(size, f.size - lo)
+        out = f_buf[:m]
+        np.subtract(_as_wide(f[lo:lo + m], ft_dtype, out), _as_wide(b[lo:lo + m], base_dtype, b_buf[:m]), out=out)
+        np.abs(out, out=out)
+        mags = mags_buf[:m]
+        if mags is not out:
+            np.copyto(mags, out, casting="same_kind")
+        yield lo, mags
+
+
+def _as_wide(raw: np.ndarray, dtype: str, buf: np.ndarray) -> np.ndarray:
+    """`raw` as `buf`'s float dtype: the raw array itself when it already is, else converted into buf."""
+    if raw.dtype == buf.dtype and dtype != "BF16":
+        return raw
+    if dtype == "BF16" and buf.dtype == np.float32:
+        np.left_shift(raw, 16, out=buf.view(np.uint32), dtype=np.uint32)  # exact, no temporary
+    elif dtype == "BF16":
+        np.copyto(buf, to_float32(raw, dtype))
+    else:
+        np.copyto(buf, raw, casting="unsafe")
+    return buf
+
+
+def estimated_floor(base: Checkpoint, ft: Checkpoint, pairs: Sequence[Pair], k: int, total: int,
+                    sample: int = 1 << 21, block: int = 2048) -> float:
+    """A magnitude that about 2k of the deltas reach, estimated from evenly spaced blocks of every
+    tensor. Only a hint that lets TopK skip most values from the start; a wrong one costs a retry."""
+    if k <= 0 or 4 * k >= total or 2 * k * sample < 100 * total:
+        return 0.0
+    mags = []
+    for pair in pairs:
+        t = base.tensors[pair.name]
+        b, f = base.array(pair.name).reshape(-1), ft.array(pair.source).reshape(-1)
+        blocks = max(1, round(sample * t.numel / total / block))
+        for start in np.linspace(0, max(0, t.numel - block), blocks).astype(np.int64):
+            for _, m in abs_delta_slices(b[start:start + block], t.dtype, f[start:start + block],
+                                         ft.tensors[pair.source].dtype):
+                mags.append(m.copy())
+        base.release(pair.name)
+        ft.release(pair.source)
+    values = np.concatenate(mags)
+    rank = len(values) - int(len(values) * 2 * k / total)
+    return float(np.partition(values, rank)[rank]) if 0 <= rank < len(values) else 0.0
+
+
+def select_positions(base: Checkpoint, ft: Checkpoint, pairs: Sequence[Pair], budget: int | Sequence[int], *,
+                     floor: float = 0.0, progress: bool = False) -> dict[str, np.ndarray]:
+    """Selected flat indices per parameter name.
+
+    `budget` is k over all pairs (global scope) or one count per pair (per-tensor scope); `floor`
+    a magnitude the global top-k is believed to reach (see `estimated_floor`)."""
+    shared = TopK(budget, floor=floor) if isinstance(budget, (int, np.integer)) else None
+    owners: list[tuple[str, int]] = []  # slice rank -> (name, offset) for the shared TopK
+    found: dict[str, np.ndarray] = {}
+    for i, pair in enumerate(_bar(pairs, "select", progress)):
+        top = shared if shared is not None else TopK(budget[i])
+        slice_owners = owners if shared is not None else []
+        t = base.tensors[pair.name]
+        for offset, mags in abs_delta_slices(base.array(pair.name), t.dtype, ft.array(pair.source),
+                                             ft.tensors[pair.source].dtype):
+            if not np.isfinite(mags.max()):
+                raise FormatError(f"{ft.hint or 'fine-tune'}: {pair.source} (or the base's {pair.name}) contains "
+                                  "NaN or infinity; a diff needs finite weights")
+            top.offer(len(slice_owners), mags)
+            slice_owners.append((pair.name, offset))
+        base.release(pair.name)
+        ft.release(pair.source)
+        if shared is None:
+            found.update(_positions(top.result(), slice_owners))
+    if shared is not None:
+        found = _positions(shared.result(), owners)
+    return found
+
+
+def _positions(result: dict[int, np.ndarray], owners: Sequence[tuple[str, int]]) -> dict[str, np.ndarray]:
+    """TopK's per-slice result → sorted flat indices per parameter."""
+    pieces: dict[str, list[np.ndarray]] = {}
+    for rank in sorted(result):
+        name, offset = owners[rank]
+        pieces.setdefault(name, []).append(result[rank] + offset)
+    return {name: np.concatenate(parts) for name, parts in pieces.items()}
+
+
+# ---------------------------------------------------------------- pass 2: values
+
+
+def exact_deltas(base_raw: np.ndarray, base_dtype: str, ft_raw: np.ndarray, ft_dtype: str) -> np.ndarray:
+    """float32 deltas v such that round_to_base_dtype(float32(base) + v) == ft wherever such a v exists.
+
+    v starts as the float32 nearest to the exact (float64) difference; where that misses, because
+    ft is far smaller than base or lies on a rounding boundary, its float32 neighbours are tried."""
+    b = to_float64(base_raw, base_dtype)
+    target = to_float64(ft_raw, ft_dtype)
+    v = (target - b).astype(np.float32)
+    b32 = b.astype(np.float32)
+    miss = np.flatnonzero(~_reconstructs(b32, v, target, base_dtype))
+    for direction in (np.float32(np.inf), np.float32(-np.inf)):
+        if miss.size == 0:
+            break
+        candidate = np.nextafter(v[miss], direction)
+        ok = _reconstructs(b32[miss], candidate, target[miss], base_dtype)
+        v[miss[ok]] = candidate[ok]
+        miss = miss[~ok]
+    return v
+
+
+def _reconstructs(b32: np.ndarray, v: np.ndarray, target: np.ndarray, dtype: str) -> np.ndarray:
+    """Whether applying v (spec 3.1: float32 sum, rounded once to the base dtype) gives `target`."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        applied = from_float32(b32 + v, dtype)
+        return to_float64(applied, dtype) == target
+
+
+def gather_entry(base: Checkpoint, ft: Checkpoint, pair: Pair, indices: np.ndarray,
+                 value_dtype: str) -> SparseEntry | None:
+    """The sparse entry of `pair` at the selected `indices` (pass 2: reads only those positions)."""
+    t = base.tensors[pair.name]
+    b = base.array(pair.name).reshape(-1)[indices]
+    f = ft.array(pair.source).reshape(-1)[indices]
+    base.release(pair.name)
+    ft.release(pair.source)
+    values = exact_deltas(b, t.dtype, f, ft.tensors[pair.source].dtype)
+    if value_dtype == "F16" and values.size and float(np.abs(values).max()) > F16_MAX:
+        raise UsageError(f"a delta of {pair.name} exceeds the float16 range; store values as float32 or bfloat16")
+    return SparseEntry.from_float(t.shape, indices, values, value_dtype, t.dtype)
+
+
+def dense_entry(base: Checkpoint, ft: Checkpoint, pair: Pair) -> DenseEntry:
+    """The fine-tune's whole tensor, in its own dtype (copied when it lives in memory, so later
+    training of the model cannot change the diff)."""
+    t = ft.tensors[pair.source]
+    values = ft.array(pair.source)
+    if not ft.weight_files:
+        values = np.array(values)
+    try:
+        fmt.check_values(pair.name, values, t.dtype, allow_zero=True)
+    except SftError as e:
+        raise FormatError(f"{ft.hint or 'fine-tune'}: {pair.source}: {e}") from None
+    base_t = base.tensors.get(pair.name)
+    return DenseEntry(values, t.dtype, base_t.dtype if base_t is not None else None)
+
+
+def _bar(items: Sequence[Any], desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return items
+    from .cli.common import progress as progress_bar
+
+    return progress_bar(items, total=len(items), desc=desc, quiet=False)
