@@ -1,0 +1,666 @@
+"""Base + diffs → a standalone checkpoint on disk (`bake`), or changed weights in memory.
+
+Composition rule (spec "Applying"): diffs apply in order; a sparse entry adds `scale × values`
+(summed in float32, float64 for F64 tensors, and rounded once to the output dtype); a dense
+entry replaces the parameter (a later one wins, later sparse entries add onto it; scales do not
+apply to dense entries); a dense entry for a parameter the base lacks adds it under its own name.
+
+`bake` streams: the output's tensor list is known before any value is computed, so each shard's
+header is written first and tensors follow one at a time. Unchanged tensors are copied by the
+kernel (`copy_file_range`) straight from the base's safetensors files; changed ones are read in
+slices of `CHUNK_ELEMENTS` and only the touched values are converted, summed and rounded, so time
+stays near a file copy and memory near one slice plus the diffs, whatever the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import warnings as _warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from .atomic import atomic_path
+from .checkpoint import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, Checkpoint
+from .diff import DenseEntry, SparseDiff, SparseEntry
+from .dtypes import FLOAT_DTYPES, STORAGE, canonical, convert, from_float32, to_float32
+from .errors import OutputError, UsageError, VerificationError
+from .names import map_to_base
+from .safetensors_io import SafetensorsFile, header_bytes
+from .verify import BaseDigests, BaseMatch, verify_against_base
+
+DEFAULT_SHARD_SIZE = 50 * 10**9  # transformers' save_pretrained default, "50GB"
+CHUNK_ELEMENTS = 1 << 23  # values computed at a time: ~32 MB of float32 per working array
+WRITE_BYTES = 1 << 20
+OUTPUT_METADATA = {"format": "pt"}  # what transformers writes; its loader checks for it
+
+# Files in a model folder that hold weights in some format: never copied (they would be stale).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf", ".onnx")
+_WEIGHT_INDEX = re.compile(r".*\.(safetensors|bin|h5|msgpack)\.index\.json$")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One diff of the stack, as it will be applied."""
+
+    diff: SparseDiff
+    scale: float
+    with_dense: bool
+    label: str
+    match: BaseMatch
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    source: str | None  # base tensor it starts from (None: a new parameter from a dense entry)
+    updates: tuple[tuple[int, str], ...]  # (layer index, entry name) in application order
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * STORAGE[self.dtype].itemsize
+
+
+@dataclass
+class BakeResult:
+    path: Path
+    tensors: int
+    changed: int  # tensors some diff touches
+    added: list[str]  # new parameters from dense entries
+    shards: int
+    nbytes: int
+    warnings: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- planning (pure)
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in "50GB", "500MB", "2GiB", "1e9" or a plain integer (GB = 10^9 as in transformers)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]i?B?|B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise UsageError(f"cannot read size {text!r}; write it like 50GB, 500MB or 2GiB")
+    unit = (m.group(2) or "B").upper().rstrip("B") or "B"
+    powers = {"B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+              "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+    try:
+        size = int(float(m.group(1)) * powers[unit])
+    except (ValueError, KeyError):
+        raise UsageError(f"cannot read size {text!r}; write it like 50GB, 500MB or 2GiB") from None
+    if size <= 0:
+        raise UsageError(f"size {text!r} must be positive")
+    return size
+
+
+def output_dtype(requested: str) -> str | None:
+    """None for "keep", else the safetensors name of a float dtype."""
+    if requested in (None, "keep"):
+        return None
+    try:
+        name = canonical(requested)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if name not in ("F32", "BF16", "F16"):
+        raise UsageError(f"--dtype {requested} is not supported; use keep, float32, bfloat16 or float16")
+    return name
+
+
+def plan_tensors(base: Checkpoint, layers: Sequence[Layer], dtype: str | None) -> list[OutputTensor]:
+    """The output's tensors in base order (tied copies dropped), new dense parameters last."""
+    updates: dict[str, list[tuple[int, str]]] = {}
+    new: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for i, layer in enumerate(layers):
+        for name, target in layer.match.names.items():
+            info = layer.diff.info(name)
+            if info.kind == "dense" and not layer.with_dense:
+                continue
+            updates.setdefault(target, []).append((i, name))
+            if name in layer.match.new:
+                new[target] = (info.dtype, info.shape)
+    default_dtype = dtype or model_dtype(base)
+    plan = []
+    for name, t in base.tensors.items():
+        if name in base.aliases:
+            continue  # transformers re-ties shared weights on load, as save_pretrained expects
+        ops = tuple(updates.get(name, ()))
+        out_dtype = dtype if dtype and t.dtype in FLOAT_DTYPES else t.dtype
+        plan.append(OutputTensor(name, out_dtype, _final_shape(t.shape, ops, layers), name, ops))
+    for name, (_, shape) in new.items():
+        ops = tuple(updates[name])
+        plan.append(OutputTensor(name, default_dtype, _final_shape(shape, ops, layers), None, ops))
+    return plan
+
+
+def _final_shape(shape: tuple[int, ...], ops: Sequence[tuple[int, str]], layers: Sequence[Layer]) -> tuple[int, ...]:
+    for i, name in ops:
+        if layers[i].diff.info(name).kind == "dense":
+            shape = layers[i].diff.info(name).shape
+    for i, name in ops:  # a sparse entry after a resizing dense one must fit the new shape
+        info = layers[i].diff.info(name)
+        if info.kind == "sparse" and _starts_after_last_dense(i, ops, layers) and info.shape != shape:
+            raise VerificationError(f"{layers[i].label}: {name!r} has shape {list(info.shape)} but an earlier "
+                                    f"dense entry makes it {list(shape)}")
+    return tuple(shape)
+
+
+def _starts_after_last_dense(i: int, ops: Sequence[tuple[int, str]], layers: Sequence[Layer]) -> bool:
+    dense_at = [j for j, n in ops if layers[j].diff.info(n).kind == "dense"]
+    return not dense_at or i > dense_at[-1]
+
+
+def model_dtype(base: Checkpoint) -> str:
+    """The float dtype holding most of the base's parameters (for parameters a diff adds)."""
+    counts: Counter[str] = Counter()
+    for t in base.tensors.values():
+        if t.dtype in FLOAT_DTYPES:
+            counts[t.dtype] += t.numel
+    return counts.most_common(1)[0][0] if counts else "F32"
+
+
+def plan_shards(plan: Sequence[OutputTensor], max_bytes: int) -> list[list[OutputTensor]]:
+    """Tensors packed in order into shards of at most `max_bytes` (a bigger tensor goes alone)."""
+    shards: list[list[OutputTensor]] = [[]]
+    size = 0
+    for t in plan:
+        if shards[-1] and size + t.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return [SAFETENSORS_SINGLE]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def merged_config(config: dict | None, layers: Sequence[Layer], dtype: str | None) -> dict | None:
+    """The base's config.json with each diff's `config_patch` applied in order (shallow: a later
+    diff's field wins). A diff applied without its dense entries contributes no patch, since its
+    patch describes the head those entries carry."""
+    patches = [layer.diff.meta.config_patch for layer in layers if layer.with_dense and layer.diff.meta.config_patch]
+    if config is None and not patches and dtype is None:
+        return None
+    merged = dict(config or {})
+    for patch in patches:
+        merged.update(patch)
+    if dtype is not None:
+        name = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[dtype]
+        for key in ("dtype", "torch_dtype"):
+            if key in merged or key == "dtype":
+                merged[key] = name
+    return merged
+
+
+def check_output_location(out: Path, base_path: str | None, diff_paths: Sequence[str | None]) -> None:
+    """Refuse outputs that would write into the base or replace a folder holding a diff."""
+    target = out.resolve()
+    if base_path:
+        b = Path(base_path).resolve()
+        if target == b or target in b.parents or b in target.parents:
+            raise UsageError(f"output {out} overlaps the base {base_path}; write the result somewhere else")
+    for d in diff_paths:
+        if d and (target == Path(d).resolve() or target in Path(d).resolve().parents):
+            raise UsageError(f"output {out} would replace the diff {d}; write the result somewhere else")
+
+
+# ---------------------------------------------------------------- baking
+
+
+def bake(base: str | os.PathLike | Checkpoint, diffs: Sequence[str | os.PathLike | SparseDiff],
+         out: str | os.PathLike, *, scales: Sequence[float] | None = None,
+         with_dense: Sequence[bool] | None = None, dtype: str = "keep",
+         shard_size: int | str = DEFAULT_SHARD_SIZE, verify: bool = True, force: bool = False,
+         progress: bool = False, warn: Callable[[str], None] | None = None) -> BakeResult:
+    """Write `base` with `diffs` applied to the checkpoint folder `out`, atomically.
+
+    `scales` and `with_dense` give one value per diff (default 1.0 and True). Everything is
+    checked (shapes, entry data, base digests unless `verify=False`) before anything is written.
+    """
+    ckpt = base if isinstance(base, Checkpoint) else Checkpoint.open(base)
+    loaded = [d if isinstance(d, SparseDiff) else _open(d, ckpt) for d in diffs]
+    if not loaded:
+        raise UsageError("give at least one diff to apply")
+    scales = _per_diff(scales, 1.0, len(loaded), "scale")
+    with_dense = _per_diff(with_dense, True, len(loaded), "with_dense")
+    out = Path(out)
+    check_output_location(out, ckpt.path, [d.path for d in loaded])
+    target_dtype = output_dtype(dtype)
+    max_bytes = parse_size(shard_size)
+
+    digests = BaseDigests(ckpt)
+    layers = []
+    for i, (sd, s, wd) in enumerate(zip(loaded, scales, with_dense)):
+        label = sd.path or f"diff #{i + 1}"
+        match = verify_against_base(sd, ckpt, label=label, fingerprint=verify, digests=digests)
+        layers.append(Layer(sd, float(s), bool(wd), label, match))
+    report = warn or (lambda message: _warnings.warn(message, stacklevel=3))
+    notes = [w for layer in layers for w in layer.match.warnings]
+    for note in notes:
+        report(note)
+
+    plan = plan_tensors(ckpt, layers, target_dtype)
+    shards = plan_shards(plan, max_bytes)
+    names = shard_names(len(shards))
+    config = merged_config(ckpt.config, layers, target_dtype)
+    sources = _RawSources(ckpt)
+    bar = _progress(len(plan), progress)
+    try:
+        with atomic_path(out, overwrite=force, directory=True) as tmp:
+            copy_side_files(ckpt.path, tmp)
+            if config is not None:
+                (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            for shard_name, shard in zip(names, shards):
+                _write_shard(tmp / shard_name, shard, ckpt, sources, layers, bar)
+            if len(shards) > 1:
+                _write_index(tmp / SAFETENSORS_INDEX, shards, names)
+    finally:
+        sources.close()
+        if bar is not None:
+            bar.close()
+    return BakeResult(out, len(plan), sum(1 for t in plan if t.updates), [t.name for t in plan if t.source is None],
+                      len(shards), sum(t.nbytes for t in plan), notes)
+
+
+def _open(source: str | os.PathLike, ckpt: Checkpoint) -> SparseDiff:
+    from .sources import open_diff
+
+    return open_diff(os.fspath(source), base=ckpt)
+
+
+def _per_diff(values: Sequence[Any] | None, default: Any, count: int, what: str) -> list[Any]:
+    if values is None:
+        return [default] * count
+    values = list(values)
+    if len(values) == 1 and count > 1:
+        return values * count
+    if len(values) != count:
+        raise UsageError(f"got {len(values)} {what} values for {count} diffs; give one per diff (or one for all)")
+    return values
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="apply", unit="tensor", file=sys.stderr, leave=False, disable=None)
+
+
+def copy_side_files(base_path: str | None, dest: Path) -> None:
+    """Copy everything in the base folder except weights, their indexes, config.json and hidden
+    entries (e.g. `.cache`, `.git`): tokenizer, generation config, README, ..."""
+    if not base_path or not Path(base_path).is_dir():
+        return
+    for entry in sorted(Path(base_path).iterdir()):
+        name = entry.name
+        if name.startswith(".") or name == "config.json" or name.endswith(_WEIGHT_SUFFIXES) or _WEIGHT_INDEX.match(name):
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, dest / name)
+        else:
+            shutil.copyfile(entry, dest / name)  # follows symlinks (Hub cache snapshots link to blobs)
+
+
+def _write_index(path: Path, shards: Sequence[Sequence[OutputTensor]], names: Sequence[str]) -> None:
+    weight_map = {t.name: shard_name for shard_name, shard in zip(names, shards) for t in shard}
+    total = sum(t.nbytes for shard in shards for t in shard)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    path.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def _write_shard(path: Path, tensors: Sequence[OutputTensor], ckpt: Checkpoint, sources: "_RawSources",
+                 layers: Sequence[Layer], bar: Any) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        _write_all(fd, header_bytes([(t.name, t.dtype, t.shape) for t in tensors], OUTPUT_METADATA))
+        for t in tensors:
+            written = _write_tensor(fd, t, ckpt, sources, layers)
+            if written != t.nbytes:  # the header promised t.nbytes: anything else is a bug here
+                raise RuntimeError(f"wrote {written} bytes for {t.name!r}, header says {t.nbytes}")
+            if bar is not None:
+                bar.update(1)
+    finally:
+        os.close(fd)
+
+
+def _write_tensor(fd: int, t: OutputTensor, ckpt: Checkpoint, sources: "_RawSources",
+                  layers: Sequence[Layer]) -> int:
+    if not t.updates:
+        base_dtype = ckpt.tensors[t.source].dtype
+        if base_dtype == t.dtype and sources.can_copy(t.source):
+            return sources.copy(t.source, fd)
+        return sum(_write_all(fd, convert(chunk, base_dtype, t.dtype)) for chunk in _base_chunks(t.source, ckpt, sources))
+    return sum(_write_all(fd, chunk) for chunk in _updated_chunks(t, ckpt, sources, layers))
+
+
+def _updated_chunks(t: OutputTensor, ckpt: Checkpoint, sources: "_RawSources",
+                    layers: Sequence[Layer]) -> Iterator[np.ndarray]:
+    """The output tensor's values, slice by slice, in its output dtype."""
+    entries = [(layers[i], layers[i].diff.entries[name]) for i, name in t.updates]
+    last_dense = max((k for k, (_, e) in enumerate(entries) if isinstance(e, DenseEntry)), default=None)
+    if last_dense is not None:
+        start = entries[last_dense][1]
+        start_dtype = start.dtype
+        starts = _slices(np.asarray(start.values).reshape(-1))
+        entries = entries[last_dense + 1:]
+    else:
+        start_dtype = ckpt.tensors[t.source].dtype
+        starts = _base_chunks(t.source, ckpt, sources)
+    wide = "F64" in (start_dtype, t.dtype)
+    if start_dtype == t.dtype:  # only the touched values change: patch them into the raw slice
+        lo = 0
+        for raw in starts:
+            hi = lo + raw.size
+            yield _patched(raw, t.dtype, entries, lo, hi, wide)
+            lo = hi
+        return
+    lo = 0
+    for raw in starts:
+        hi = lo + raw.size
+        values = raw if start_dtype == "F64" else to_float32(raw, start_dtype)
+        work = np.array(values, dtype=np.float64 if wide else np.float32)  # own, writable copy
+        for layer, entry in entries:
+            _add_slice(work, entry, layer.scale, lo, hi)
+        yield from_float32(work, t.dtype) if t.dtype != "F64" else work
+        lo = hi
+
+
+def _patched(raw: np.ndarray, dtype: str, entries: Sequence[tuple[Layer, SparseEntry]], lo: int, hi: int,
+             wide: bool) -> np.ndarray:
+    """`raw` (flat elements [lo, hi) of a tensor) with the entries' values added at their indices:
+    the same values as converting the whole slice, adding and rounding, at O(touched) cost."""
+    spans = []
+    for layer, entry in entries:
+        a, b = np.searchsorted(entry.indices, [lo, hi])
+        if a < b:
+            spans.append((layer.scale, entry, int(a), int(b)))
+    if not spans:
+        return raw
+    positions = _sorted_union([np.asarray(entry.indices[a:b], dtype=np.int64) for _, entry, a, b in spans]) - lo
+    values = raw[positions]
+    work = np.array(values if dtype == "F64" else to_float32(values, dtype), dtype=np.float64 if wide else np.float32)
+    for scale, entry, a, b in spans:
+        delta = to_float32(entry.values[a:b], entry.dtype)
+        if scale != 1.0:
+            delta = delta * np.float32(scale)
+        work[np.searchsorted(positions, np.asarray(entry.indices[a:b], dtype=np.int64) - lo)] += delta
+    out = raw if raw.flags.writeable else raw.copy()
+    out[positions] = work if dtype == "F64" else from_float32(work, dtype)
+    return out
+
+
+def _sorted_union(arrays: list[np.ndarray]) -> np.ndarray:
+    """Union of sorted unique arrays. A stable sort merges the sorted runs in linear time, far
+    faster than `np.union1d`'s general unique."""
+    if len(arrays) == 1:
+        return arrays[0]
+    merged = np.sort(np.concatenate(arrays), kind="stable")
+    keep = np.empty(len(merged), dtype=bool)
+    keep[0] = True
+    np.not_equal(merged[1:], merged[:-1], out=keep[1:])
+    return merged[keep]
+
+
+def _add_slice(work: np.ndarray, entry: SparseEntry, scale: float, lo: int, hi: int) -> None:
+    """work += scale × entry's values whose flat index falls in [lo, hi)."""
+    a, b = np.searchsorted(entry.indices, [lo, hi])
+    if a == b:
+        return
+    values = to_float32(entry.values[a:b], entry.dtype)
+    if scale != 1.0:
+        values = values * np.float32(scale)
+    work[np.asarray(entry.indices[a:b], dtype=np.int64) - lo] += values
+
+
+def _slices(flat: np.ndarray) -> Iterator[np.ndarray]:
+    for i in range(0, flat.size, CHUNK_ELEMENTS):
+        yield flat[i:i + CHUNK_ELEMENTS]
+
+
+def _base_chunks(name: str, ckpt: Checkpoint, sources: "_RawSources") -> Iterator[np.ndarray]:
+    if sources.can_copy(name):
+        yield from sources.chunks(name)
+    else:
+        yield from _slices(ckpt.array(name).reshape(-1))
+
+
+def _write_all(fd: int, array: np.ndarray) -> int:
+    data = memoryview(np.ascontiguousarray(array)).cast("B") if np.asarray(array).size else memoryview(b"")
+    done = 0
+    while done < len(data):  # 1 MiB writes: several times faster than huge ones (they stay in cache)
+        done += os.write(fd, data[done:done + WRITE_BYTES])
+    return done
+
+
+class _RawSources:
+    """Byte ranges of the base's safetensors tensors, read with plain reads (not memory maps, whose
+    pages would count towards the process's resident memory for the whole model)."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self._where: dict[str, tuple[int, int, int, str]] = {}  # name -> (fd, start, nbytes, dtype)
+        self._fds: list[int] = []
+        for file in ckpt.weight_files:
+            if not file.endswith(".safetensors"):
+                continue
+            st = SafetensorsFile(file)
+            fd = os.open(file, os.O_RDONLY)
+            self._fds.append(fd)
+            for name, t in st.tensors.items():
+                self._where[name] = (fd, t.start, t.nbytes, t.dtype)
+
+    def can_copy(self, name: str | None) -> bool:
+        return name in self._where
+
+    def copy(self, name: str, dst: int) -> int:
+        fd, start, nbytes, _ = self._where[name]
+        done = 0
+        while done < nbytes:
+            n = _copy_range(fd, dst, start + done, nbytes - done)
+            if n == 0:
+                raise OutputError(f"unexpected end of base file while copying {name!r}")
+            done += n
+        return done
+
+    def chunks(self, name: str) -> Iterator[np.ndarray]:
+        fd, start, nbytes, dtype = self._where[name]
+        itemsize = STORAGE[dtype].itemsize
+        step = CHUNK_ELEMENTS * itemsize
+        for off in range(0, nbytes, step):
+            buf = np.empty(min(step, nbytes - off), dtype=np.uint8)
+            view = memoryview(buf)
+            got = 0
+            while got < len(buf):
+                n = os.preadv(fd, [view[got:]], start + off + got)
+                if n == 0:
+                    raise OutputError(f"unexpected end of base file while reading {name!r}")
+                got += n
+            yield buf.view(STORAGE[dtype])
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+
+
+_KERNEL_COPY = hasattr(os, "copy_file_range")
+
+
+def _copy_range(src: int, dst: int, offset: int, count: int) -> int:
+    """Append up to `count` bytes of `src` from `offset` to `dst`; the kernel copies when it can."""
+    global _KERNEL_COPY
+    if _KERNEL_COPY:
+        try:
+            return os.copy_file_range(src, dst, min(count, 1 << 30), offset)
+        except OSError:  # older kernels, some filesystems: fall back to reading and writing
+            _KERNEL_COPY = False
+    data = os.pread(src, min(count, 64 << 20), offset)
+    return _write_all(dst, np.frombuffer(data, dtype=np.uint8)) if data else 0
+
+
+# ---------------------------------------------------------------- in memory
+
+
+@dataclass
+class AppliedDiff:
+    """What `apply_to_model` changed: enough to undo it exactly with `revert_from_model`."""
+
+    diff: SparseDiff
+    scale: float
+    with_dense: bool
+    sparse: dict[str, tuple[Any, Any, Any]] = field(default_factory=dict)  # param -> (indices, delta, original)
+    dense: dict[str, Any] = field(default_factory=dict)  # param -> original value
+    skipped: list[str] = field(default_factory=list)  # entries for parameters the model lacks (strict=False)
+
+
+def apply_to_model(model: Any, diff: SparseDiff, scale: float = 1.0, with_dense: bool = True, *,
+                   strict: bool = True) -> AppliedDiff:
+    """Add `diff` (sparse values × `scale`; dense entries replace) to a torch module's weights in
+    place, on their device. Returns the record `revert_from_model` uses to undo it exactly.
+
+    Each touched value is computed as round(float32(w) + scale × v): the same single rounding
+    `bake` does for one diff. Base digests are not checked here; shapes and names are: an entry
+    for a parameter the model lacks raises, or with `strict=False` is skipped (a language diff's
+    MLM-head or pooler entries on a task model) and listed in the record's `skipped`.
+    """
+    import torch
+
+    tensors = _model_tensors(model)
+    record = AppliedDiff(diff, float(scale), with_dense)
+    with torch.no_grad():
+        for name, target in _resolve(tensors, diff, with_dense, strict, record.skipped):
+            t = tensors[target]
+            entry = diff.entries[name]
+            if isinstance(entry, DenseEntry):
+                record.dense[target] = t.detach().clone()
+                t.copy_(torch.from_numpy(np.array(entry.values_f32())).to(t.device).reshape(t.shape))
+                continue
+            flat = _flat(t)
+            idx, delta = _torch_delta(entry, scale, t.device)
+            original = flat[idx].clone()
+            flat[idx] = (original.to(_wide(t.dtype)) + delta).to(t.dtype)
+            _store(t, flat)
+            record.sparse[target] = (idx, delta, original)
+    return record
+
+
+def revert_from_model(model: Any, diff: "SparseDiff | AppliedDiff", scale: float = 1.0,
+                      with_dense: bool = True, *, strict: bool = True) -> None:
+    """Undo `apply_to_model` in place.
+
+    Given the `AppliedDiff` record, values still equal to what apply wrote get their exact
+    original back (any dtype) and dense entries are restored; values changed since (training)
+    get the delta subtracted. Given a plain `SparseDiff`, the delta × `scale` is subtracted
+    (exact up to one rounding to the parameter's dtype); dense entries cannot be reverted that
+    way, so they raise unless `with_dense=False`.
+    """
+    import torch
+
+    tensors = _model_tensors(model)
+    with torch.no_grad():
+        if isinstance(diff, AppliedDiff):
+            for target, original in diff.dense.items():
+                tensors[target].copy_(original)
+            for target, (idx, delta, original) in diff.sparse.items():
+                t = tensors[target]
+                flat = _flat(t)
+                current = flat[idx]
+                applied = (original.to(_wide(t.dtype)) + delta).to(t.dtype)
+                subtracted = (current.to(_wide(t.dtype)) - delta).to(t.dtype)
+                flat[idx] = torch.where(current == applied, original, subtracted)
+                _store(t, flat)
+            return
+        for name, target in _resolve(tensors, diff, with_dense, strict, []):
+            entry = diff.entries[name]
+            if isinstance(entry, DenseEntry):
+                raise UsageError(
+                    f"cannot revert dense entry {name!r} from the diff alone (the replaced values are gone); "
+                    f"pass the record apply_to_model returned, or with_dense=False"
+                )
+            t = tensors[target]
+            flat = _flat(t)
+            idx, delta = _torch_delta(entry, scale, t.device)
+            flat[idx] = (flat[idx].to(_wide(t.dtype)) - delta).to(t.dtype)
+            _store(t, flat)
+
+
+def _model_tensors(model: Any) -> dict[str, Any]:
+    """Parameters and buffers by state-dict name (tensors share memory with the module)."""
+    from .checkpoint import tied_aliases
+
+    state = model.state_dict()
+    aliases = tied_aliases(state)
+    return {name: state[aliases.get(name, name)] for name in state}
+
+
+def _resolve(tensors: dict[str, Any], diff: SparseDiff, with_dense: bool, strict: bool,
+             skipped: list[str]) -> list[tuple[str, str]]:
+    """(entry name, model name) pairs to change, checked for presence, shape and tied duplicates."""
+    mapping = map_to_base(tensors, diff.entries)
+    pairs = []
+    seen: dict[int, str] = {}
+    for name in diff.entries:
+        info = diff.info(name)
+        if info.kind == "dense" and not with_dense:
+            continue
+        target = mapping[name]
+        if target is None:
+            if not strict:
+                skipped.append(name)
+                continue
+            raise VerificationError(f"{diff.path or 'diff'}: the model has no parameter {name!r}; load the "
+                                    f"model class the diff was made for, or pass strict=False to skip it")
+        t = tensors[target]
+        if tuple(t.shape) != info.shape:
+            raise VerificationError(f"{diff.path or 'diff'}: {name!r} has shape {list(info.shape)} in the diff "
+                                    f"but {list(t.shape)} in the model")
+        if not t.is_floating_point():
+            raise VerificationError(f"{diff.path or 'diff'}: model tensor {target!r} is not floating point")
+        key = t.data_ptr()
+        if key in seen:
+            raise VerificationError(f"{diff.path or 'diff'}: {name!r} and {seen[key]!r} are the same tied "
+                                    f"parameter of the model; the diff must change it once")
+        seen[key] = name
+        pairs.append((name, target))
+    return pairs
+
+
+def _torch_delta(entry: SparseEntry, scale: float, device: Any) -> tuple[Any, Any]:
+    import torch
+
+    idx = torch.from_numpy(np.asarray(entry.indices, dtype=np.int64)).to(device)
+    delta = torch.from_numpy(np.array(entry.values_f32(), dtype=np.float32)).to(device)
+    if scale != 1.0:
+        delta = delta * scale
+    return idx, delta
+
+
+def _wide(dtype: Any) -> Any:
+    import torch
+
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _flat(t: Any) -> Any:
+    """A flat view of `t` (a contiguous copy for the rare non-contiguous parameter)."""
+    return t.view(-1) if t.is_contiguous() else t.reshape(-1).clone()
+
+
+def _store(t: Any, flat: Any) -> None:
+    if not t.is_contiguous():
+        t.copy_(flat.view(t.shape))

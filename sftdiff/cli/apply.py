@@ -1,0 +1,55 @@
+"""`sftdiff apply`: bake a base plus diffs into a standalone checkpoint folder."""
+
+from __future__ import annotations
+
+import click
+
+from .common import force_option, open_diff, quiet_option, say
+
+
+@click.command("apply")
+@click.argument("base", metavar="BASE")
+@click.argument("diffs", metavar="DIFF...", nargs=-1, required=True)
+@click.option("--output", "-o", "out", required=True, help="Folder to write the checkpoint to (must not exist unless --force).")
+@click.option("--scale", "scales", type=float, multiple=True,
+              help="Factor for a diff's sparse values; repeat once per DIFF, in order (one value applies to all).")
+@click.option("--skip-dense", "skip_dense", multiple=True, metavar="DIFF",
+              help="Apply this DIFF without its dense entries and config patch (e.g. a language diff's MLM head). Repeatable.")
+@click.option("--dtype", type=click.Choice(["keep", "float32", "bfloat16", "float16"]), default="keep",
+              show_default=True, help="Dtype of the output's floating-point weights.")
+@click.option("--shard-size", default="50GB", show_default=True,
+              help="Largest shard file; above it the weights are split and indexed like save_pretrained does.")
+@click.option("--no-verify", is_flag=True, help="Skip the base fingerprint check (shapes and bounds are always checked).")
+@force_option
+@quiet_option
+def apply_cmd(base: str, diffs: tuple[str, ...], out: str, scales: tuple[float, ...], skip_dense: tuple[str, ...],
+              dtype: str, shard_size: str, no_verify: bool, force: bool, quiet: bool) -> None:
+    """Apply DIFFs (in order) to the checkpoint BASE and write the result to OUT.
+
+    OUT is a checkpoint folder that transformers loads like BASE: same tensor names, shapes and
+    dtypes, BASE's tokenizer and other files, and config.json with the diffs' config patches.
+    """
+    from ..bake import bake
+    from ..checkpoint import Checkpoint
+
+    unknown = sorted(set(skip_dense) - set(diffs))
+    if unknown:
+        raise click.UsageError(f"--skip-dense {unknown[0]} is not one of the DIFF arguments")
+    if scales and len(scales) not in (1, len(diffs)):
+        raise click.UsageError(f"got {len(scales)} --scale values for {len(diffs)} diffs; give one per diff or one for all")
+    checkpoint = Checkpoint.open(base)
+    loaded = [open_diff(d, base=checkpoint) for d in diffs]
+    result = bake(
+        checkpoint, loaded, out,
+        scales=list(scales) or None,
+        with_dense=[d not in skip_dense for d in diffs],
+        dtype=dtype, shard_size=shard_size, verify=not no_verify, force=force, progress=not quiet,
+        warn=lambda message: say(f"sftdiff: warning: {message}"),
+    )
+    added = f", {len(result.added)} added" if result.added else ""
+    say(f"wrote {result.path}: {result.tensors} tensors ({result.changed} changed{added}), "
+        f"{result.shards} shard{'s' if result.shards > 1 else ''}, {_size(result.nbytes)}", quiet)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.2f} MB"
