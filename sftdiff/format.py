@@ -73,17 +73,29 @@ def decode_metadata(metadata: dict[str, str]) -> dict[str, Any]:
             f"format version {version} is not supported (this sftdiff reads {FORMAT_MAJOR}.x); upgrade sftdiff"
         )
     try:
-        sft = json.loads(metadata.get("sft", ""), parse_constant=_reject_constant)
+        sft = json.loads(metadata.get("sft", ""), parse_constant=_reject_constant, parse_float=_finite_float)
     except (json.JSONDecodeError, ValueError, RecursionError) as e:
         raise FormatError(f"metadata 'sft' is not valid JSON ({e})") from None
     if not isinstance(sft, dict):
         raise FormatError("metadata 'sft' must be a JSON object")
+    try:  # "\ud800" escapes parse, but are not Unicode text: nothing could print or re-encode them
+        json.dumps(sft, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise FormatError("metadata 'sft' holds a lone surrogate escape, which is not valid Unicode") from None
     _check_types(sft)
     return sft
 
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed in metadata")
+
+
+def _finite_float(text: str) -> float:
+    """Standard JSON like `1e400` still parses to infinity, which metadata must not hold either."""
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text[:20]} overflows to infinity, which is not allowed in metadata")
+    return value
 
 
 _OBJECT_FIELDS = ("entries", "base", "origin", "user", "config_patch", "provenance")
@@ -102,12 +114,18 @@ def _check_types(sft: dict[str, Any]) -> None:
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise FormatError(f"entry {name!r}: shape must be a list of non-negative integers")
         base_dtype = info.get("base_dtype")
-        if base_dtype is not None and base_dtype not in STORAGE:
+        if base_dtype is not None and (not isinstance(base_dtype, str) or base_dtype not in STORAGE):
             raise FormatError(f"entry {name!r}: unknown base_dtype {base_dtype!r}")
     base = sft.get("base", {})
     for key in ("hint", "fingerprint"):
         if base.get(key) is not None and not isinstance(base[key], str):
             raise FormatError(f"metadata base.{key} must be a string or null")
+    tensors = base.get("tensors", {})
+    if not isinstance(tensors, dict) or not all(isinstance(v, str) for v in tensors.values()):
+        raise FormatError("metadata base.tensors must map parameter names to digest strings")
+    numel = base.get("numel")
+    if numel is not None and (type(numel) is not int or numel < 0):
+        raise FormatError("metadata base.numel must be a non-negative integer")
     for key, value in sft.get("user", {}).items():
         if not isinstance(value, str):
             raise FormatError(f"metadata user.{key} must be a string")

@@ -100,6 +100,10 @@ class SafetensorsFile:
             raise FormatError(f"header is not valid UTF-8 JSON ({e.__class__.__name__})") from None
         if not isinstance(header, dict):
             raise FormatError("header is not a JSON object")
+        try:  # a "\ud800" escape is valid JSON but not Unicode text (the reference reader refuses it too)
+            json.dumps(header, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise FormatError("header holds a lone surrogate escape (\\ud800-\\udfff), which is not valid Unicode") from None
         data_start = 8 + n
         data_len = size - data_start
         metadata = header.pop(METADATA_KEY, None) or {}

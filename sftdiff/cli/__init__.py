@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     except SftError as e:
         if debug:
             traceback.print_exc()
-        click.echo(f"sftdiff: error: {e}", err=True)
+        message = " ".join(str(e).strip().splitlines())  # one line, whatever a message quoted from a file holds
+        click.echo(f"sftdiff: error: {message}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         click.echo("sftdiff: interrupted", err=True)
