@@ -5,27 +5,36 @@ rank (its position among the parameter names sorted by code point) and then by f
 earlier one winning. Zeros are never selected. Because the global top-k is contained in the union
 of every tensor's own top-k, `TopK` keeps at most 2k candidates at a time and never needs more than
 one tensor's magnitudes plus O(k) memory (spec: "Selection and ties").
+
+A caller that filters candidates itself (`create` does, in worker threads) reads `TopK.floor` and
+offers only positions reaching it with `offer_at`; the result is the same as offering everything.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+_RANK_SHIFT = np.int64(40)
+_INDEX_MASK = np.int64((1 << 40) - 1)
 
-def _best(mags: np.ndarray, keys: np.ndarray, k: int) -> np.ndarray:
-    """Positions of the k best (magnitude desc, key asc) among candidates, in O(n)."""
+
+def _best(mags: np.ndarray, keys: np.ndarray, k: int) -> np.ndarray | None:
+    """Mask of the k best (magnitude desc, key asc) among candidates, in O(n); None: all of them.
+    A mask keeps the candidates' order (candidates that arrive in key order stay in key order and
+    need no sort later) and compresses faster than an index gather."""
     n = len(mags)
     if k >= n:
-        return np.arange(n)
+        return None
     if k <= 0:
-        return np.empty(0, dtype=np.int64)
+        return np.zeros(n, dtype=bool)
     tau = np.partition(mags, n - k)[n - k]  # the k-th largest magnitude
-    above = np.flatnonzero(mags > tau)
+    keep = mags > tau
     tied = np.flatnonzero(mags == tau)
-    need = k - len(above)
+    need = k - int(np.count_nonzero(keep))
     if need < len(tied):
         tied = tied[np.argpartition(keys[tied], need - 1)[:need]] if need > 0 else tied[:0]
-    return np.concatenate([above, tied])
+    keep[tied] = True
+    return keep
 
 
 class TopK:
@@ -40,6 +49,14 @@ class TopK:
         self._keys: list[np.ndarray] = []  # (rank << 40 | flat index), so keys order as the tie rule
         self._count = 0
         self._floor = float(floor)  # a magnitude below this can no longer make the top-k
+        self._last_key = -1  # the largest key offered so far: while offers ascend, result() needs no sort
+        self._ascending = True
+
+    @property
+    def floor(self) -> float:
+        """Magnitudes below this can no longer enter the top-k (0.0: every nonzero one can).
+        Only ever rises, so a value read earlier is a safe pre-filter later."""
+        return self._floor
 
     def offer(self, rank: int, magnitudes: np.ndarray) -> None:
         """Offer a tensor's flat magnitudes (float32, non-negative), `rank` its name order."""
@@ -49,12 +66,34 @@ class TopK:
         if mags.size >= 1 << 40:
             raise ValueError("tensors of 2^40 or more elements are not supported")
         idx = np.flatnonzero(mags >= self._floor) if self._floor > 0 else np.flatnonzero(mags)
+        self._add(rank, idx, mags[idx])
+
+    def offer_at(self, rank: int, indices: np.ndarray, magnitudes: np.ndarray) -> None:
+        """Offer the magnitudes of a tensor at some flat `indices` only (each index once, e.g.
+        the positions a caller found reaching `floor`); positions not offered count as below it."""
+        if self.k == 0:
+            return
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        mags = np.asarray(magnitudes, dtype=np.float32).reshape(-1)
+        if idx.size and int(idx.max()) >= 1 << 40:
+            raise ValueError("tensors of 2^40 or more elements are not supported")
+        keep = mags >= self._floor if self._floor > 0 else mags != 0
+        if not keep.all():
+            idx, mags = idx[keep], mags[keep]
+        self._add(rank, idx, mags)
+
+    def _add(self, rank: int, idx: np.ndarray, mags: np.ndarray) -> None:
         if len(idx) > self.k:  # the tensor's own top-k is all that can matter
-            idx = idx[_best(mags[idx], idx, self.k)]
+            best = _best(mags, idx, self.k)
+            idx, mags = idx[best], mags[best]  # (never None here: len > k)
         if len(idx) == 0:
             return
-        self._mags.append(mags[idx])
-        self._keys.append((np.int64(rank) << np.int64(40)) | idx.astype(np.int64))
+        keys = (np.int64(rank) << _RANK_SHIFT) | idx
+        if self._ascending:
+            self._ascending = int(keys[0]) > self._last_key and bool(np.all(keys[1:] > keys[:-1]))
+            self._last_key = int(keys[-1])
+        self._mags.append(mags)
+        self._keys.append(keys)
         self._count += len(idx)
         if self._count >= 2 * self.k:
             self._compact()
@@ -62,22 +101,23 @@ class TopK:
     def _compact(self) -> None:
         mags, keys = np.concatenate(self._mags), np.concatenate(self._keys)
         keep = _best(mags, keys, self.k)
-        mags, keys = mags[keep], keys[keep]
+        if keep is not None:
+            mags, keys = mags[keep], keys[keep]
         self._mags, self._keys, self._count = [mags], [keys], len(mags)
         if len(mags) == self.k:
-            self._floor = float(mags.min())
+            self._floor = max(self._floor, float(mags.min()))
 
     def result(self) -> dict[int, np.ndarray]:
         """rank -> sorted flat indices selected in that tensor."""
         if not self._mags:
             return {}
         self._compact()
-        keys = np.sort(self._keys[0])
-        ranks = keys >> np.int64(40)
+        keys = self._keys[0] if self._ascending else np.sort(self._keys[0])
+        ranks = keys >> _RANK_SHIFT
         out: dict[int, np.ndarray] = {}
-        bounds = np.flatnonzero(np.diff(ranks)) + 1
+        bounds = np.flatnonzero(ranks[1:] != ranks[:-1]) + 1
         for chunk in np.split(keys, bounds):
-            out[int(chunk[0] >> np.int64(40))] = chunk & np.int64((1 << 40) - 1)
+            out[int(chunk[0] >> _RANK_SHIFT)] = chunk & _INDEX_MASK
         return out
 
 

@@ -492,3 +492,91 @@ def test_cli_errors_have_their_exit_codes(bert, tmp_path):
     r = create(str(bert / "base"), str(tmp_path / "llama"))
     assert r.returncode == 4 and "does not look like a fine-tune" in r.stderr
     assert not (tmp_path / "e.sft").exists()
+
+
+# ---------------------------------------------------------------- pass 1 fast paths (BF16 pairs, threads, floor)
+
+
+def _bf16_states(seed: int, shapes: dict, unaligned: bool = False):
+    """Base and fine-tune state dicts of BF16 torch tensors with many exactly tied deltas, and the
+    same values as float32 numpy arrays for `brute_force_topk`."""
+    rng = np.random.default_rng(seed)
+    torch_sd, numpy_sd = [{}, {}], [{}, {}]
+    for name, shape in shapes.items():
+        b32 = (rng.integers(-64, 64, size=shape) / 64).astype(np.float32)
+        f32 = b32 + rng.choice(np.float32([-0.5, -0.25, 0, 0, 0.25, 0.5, 1e-3]), size=shape)
+        for i, v in enumerate((b32, f32)):
+            raw = from_float32(v, "BF16")
+            if unaligned:  # start 2 bytes into a buffer: the 32-bit word view is misaligned
+                holder = torch.zeros(raw.size + 1, dtype=torch.int16)
+                holder[1:] = torch.from_numpy(raw.view(np.int16).reshape(-1))
+                t = holder[1:].view(torch.bfloat16).reshape(shape)
+            else:
+                t = torch.from_numpy(raw.view(np.int16).copy()).view(torch.bfloat16)
+            torch_sd[i][name] = t
+            numpy_sd[i][name] = to_float32(raw, "BF16")
+    return torch_sd, numpy_sd
+
+
+@pytest.mark.parametrize("unaligned", [False, True])
+def test_bf16_pairs_threads_and_slices_match_brute_force(monkeypatch, unaligned):
+    """The BF16 word-pair path, odd sizes, tiny slices and tasks split over threads: same selection
+    as the spec's rule on whole arrays, in both scopes."""
+    monkeypatch.setattr(create_mod, "SLICE", 10)
+    monkeypatch.setattr(create_mod, "TASK", 30)
+    (base, ft), (b32, f32) = _bf16_states(1, {"b.w": (7, 9), "a.w": (5, 5), "c": (101,), "d": (1,)}, unaligned)
+    for k in (1, 5, 40, 120, 500):
+        got = sparse_indices(create_diff(base, ft, k=k))
+        expected = brute_force_topk(b32, f32, list(b32), k)
+        assert got.keys() == expected.keys(), k
+        for name in expected:
+            np.testing.assert_array_equal(got[name], expected[name])
+    per_tensor = sparse_indices(create_diff(base, ft, density=0.3, scope="per-tensor"))
+    for name in b32:
+        count = int(np.floor(0.3 * b32[name].size + 0.5))
+        expected = brute_force_topk(b32, f32, [name], count).get(name, np.empty(0, np.int64))
+        np.testing.assert_array_equal(per_tensor.get(name, np.empty(0, np.int64)), expected)
+
+
+def test_selection_does_not_depend_on_threads_or_task_size(monkeypatch):
+    (base, ft), _ = _bf16_states(2, {f"t{i}": (64, 33) for i in range(6)})
+    results = []
+    for workers, task in ((1, 1 << 22), (2, 64), (3, 10)):
+        monkeypatch.setattr(create_mod, "WORKERS", workers)
+        monkeypatch.setattr(create_mod, "TASK", task)
+        monkeypatch.setattr(create_mod, "SLICE", 16)
+        results.append(sparse_indices(create_diff(base, ft, k=300)))
+    for other in results[1:]:
+        assert other.keys() == results[0].keys()
+        for name in results[0]:
+            np.testing.assert_array_equal(other[name], results[0][name])
+
+
+def test_a_floor_hint_above_the_kth_magnitude_falls_back_to_an_exact_selection(monkeypatch):
+    (base, ft), (b32, f32) = _bf16_states(3, {"x": (50, 40), "y": (2000,)})
+    monkeypatch.setattr(create_mod, "estimated_floor", lambda *a, **kw: 0.75)  # above most deltas
+    got = sparse_indices(create_diff(base, ft, k=700))
+    expected = brute_force_topk(b32, f32, list(b32), 700)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_bf16_values_are_refused_whatever_the_floor(monkeypatch, bad):
+    (base, ft), _ = _bf16_states(4, {"w": (301,)})
+    ft["w"] = ft["w"].clone()
+    ft["w"][123] = bad
+    for hint in (0.0, 0.3):
+        monkeypatch.setattr(create_mod, "estimated_floor", lambda *a, **kw: hint)
+        with pytest.raises(FormatError, match="NaN or infinity"):
+            create_diff(base, ft, k=5)
+
+
+def test_threshold_bits_never_filter_a_magnitude_reaching_the_floor():
+    for floor in (0.0, 1e-45, 0.1, 1 / 3, 0.0052, 3.4e38):
+        bits = create_mod._threshold_bits(floor)
+        mags = np.float32([floor, np.nextafter(np.float32(floor), np.float32(np.inf))]) if floor else np.float32([1e-45])
+        assert (mags.view(np.uint32) >= bits).all(), floor
+        below = np.nextafter(np.float32(bits.view(np.float32)), np.float32(0))
+        assert float(below) < floor or floor == 0
