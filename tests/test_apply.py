@@ -407,3 +407,44 @@ def test_quickstart_runs_end_to_end(tmp_path):
     merged = tmp_path / "out" / "merged"
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in merged.iterdir()}
     assert not any(n.startswith("cls.") for n in SafetensorsFile(merged / "model.safetensors").tensors)
+
+
+def test_patched_slices_sum_overlapping_diffs_once(tmp_path, monkeypatch):
+    """Touched values are patched slice by slice: with slices of 7 values (boundaries mid-row) and
+    a flush after every tensor, three overlapping diffs give, for every dtype, the base plus the
+    scaled deltas summed in order (float32; float64 for F64) and rounded once, the same bytes
+    as default slices."""
+    import sftdiff.bake as bake_module
+    from sftdiff.dtypes import to_float32
+    from sftdiff.safetensors_io import StreamingWriter
+
+    rng = np.random.default_rng(21)
+    shapes = {"w16": ("F16", (9, 13)), "w32": ("F32", (5, 31)), "w64": ("F64", (40,)), "wbf": ("BF16", (17, 6))}
+    arrays = {}
+    for name, (dtype, shape) in shapes.items():
+        values = rng.normal(0, 0.3, size=shape).astype(np.float32)
+        arrays[name] = values.astype(np.float64) if dtype == "F64" else rounded(values, dtype)
+    (tmp_path / "base").mkdir()
+    with open(tmp_path / "base" / "model.safetensors", "wb") as f:
+        writer = StreamingWriter(f, [(n, d, s) for n, (d, s) in shapes.items()], {"format": "pt"})
+        for name in shapes:
+            writer.write(name, arrays[name])
+        writer.close()
+    base = Checkpoint.open(tmp_path / "base")
+    diffs = [random_diff(base, seed=s, density=0.6, value_dtype=v) for s, v in ((22, "F32"), (23, "BF16"), (24, "F16"))]
+    scales = [2.0, -1.0, 0.5]
+    bake(tmp_path / "base", diffs, tmp_path / "default", scales=scales)
+    monkeypatch.setattr(bake_module, "CHUNK_ELEMENTS", 7)
+    monkeypatch.setattr(bake_module, "FLUSH_BYTES", 1)
+    bake(tmp_path / "base", diffs, tmp_path / "small", scales=scales)
+    assert (tmp_path / "small" / "model.safetensors").read_bytes() == \
+        (tmp_path / "default" / "model.safetensors").read_bytes()
+    out = SafetensorsFile(tmp_path / "small" / "model.safetensors")
+    for name, (dtype, _) in shapes.items():
+        wide = dtype == "F64"
+        work = arrays[name].reshape(-1).astype(np.float64) if wide else to_float32(arrays[name], dtype).reshape(-1).copy()
+        for diff, scale in zip(diffs, scales):
+            entry = diff.entries[name]
+            work[entry.indices] += entry.values_f32() * np.float32(scale)
+        want = work if wide else rounded(work, dtype)
+        np.testing.assert_array_equal(out.array(name).reshape(-1), want, err_msg=name)

@@ -3,11 +3,14 @@
 Builds (once, cached under --dir) a synthetic ~1B-parameter bfloat16 Llama checkpoint sharded like
 save_pretrained, two 1%-dense diffs of it, and — for mergekit — the two equivalent dense
 fine-tunes (base + diff, baked by sftdiff). Then times, as separate processes with the median of
---reps runs each: `cp -r` of the base folder (+ `sync` of the copy, since sftdiff fsyncs its
-output), `sftdiff apply base a.sft b.sft`, and `mergekit-yaml` task_arithmetic of the two
-fine-tunes (from the venv given by --mergekit-venv; skipped if missing). Peak RSS is each
-process's maximum resident set (getrusage of the finished child). The page cache is warm (the
-base is read once before timing); with 24 GB RAM every run reads from memory.
+--reps runs each: `cp -r` of the base folder, `cp -r` + `sync` of the copy (the fair floor:
+sftdiff fsyncs its output before renaming it into place), `sftdiff apply base a.sft b.sft`, and
+`mergekit-yaml` task_arithmetic of the two fine-tunes (from the venv given by --mergekit-venv;
+skipped if missing). Repetitions go round-robin over the commands, so load from other processes
+drifts over all of them alike, and each starts after a `sync` (untimed) so no run pays for the
+previous one's dirty pages. Peak RSS and CPU seconds (user + system) are the finished child's
+(getrusage). The page cache is warm (the base is read once before timing; with 24 GB RAM every
+run reads from memory); `--cold` drops the page cache before every run instead (needs root).
 
     python tools/bench_apply.py --reps 3
 """
@@ -94,30 +97,43 @@ def write_diff(base_dir: Path, path: Path, seed: int, density: float = 0.01) -> 
     SparseDiff(entries, meta).save(path)
 
 
-def run(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of `cmd`, run in a fresh measuring process."""
+def run(cmd: list[str], env: dict | None = None) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS in MB, CPU seconds) of `cmd`, run in a fresh measuring process."""
     probe = ("import resource, subprocess, sys, time\n"
              "t = time.perf_counter()\n"
              "rc = subprocess.run(sys.argv[1:]).returncode\n"
              "dt = time.perf_counter() - t\n"
-             "print(dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, rc)\n")
+             "r = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+             "print(dt, r.ru_maxrss / 1024, r.ru_utime + r.ru_stime, rc)\n")
     out = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True, env=env)
     fields = out.stdout.strip().splitlines()[-1].split() if out.stdout.strip() else []
-    if len(fields) != 3 or fields[2] != "0":
+    if len(fields) != 4 or fields[3] != "0":
         raise SystemExit(f"failed: {' '.join(cmd)}\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
-    return float(fields[0]), float(fields[1])
+    return float(fields[0]), float(fields[1]), float(fields[2])
 
 
-def bench(label: str, cmd: list[str], out: Path, reps: int, env: dict | None = None) -> dict:
-    times, rss = [], []
-    for _ in range(reps):
-        shutil.rmtree(out, ignore_errors=True)
-        seconds, peak = run(cmd, env)
-        times.append(seconds)
-        rss.append(peak)
-        print(f"  {label}: {seconds:.2f} s, {peak:.0f} MB", file=sys.stderr)
+def settle(out: Path, cold: bool) -> None:
+    """Remove the last output and write back everything dirty (untimed), optionally emptying the
+    page cache, so each run starts from the same state."""
     shutil.rmtree(out, ignore_errors=True)
-    return {"label": label, "median_s": statistics.median(times), "times": times, "peak_rss_mb": max(rss)}
+    os.sync()
+    if cold:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def bench(runs: list[tuple[str, list[str], dict | None]], out: Path, reps: int, cold: bool) -> list[dict]:
+    """Median wall time, CPU time and peak RSS of each command over `reps` round-robin runs."""
+    samples: dict[str, list[tuple[float, float, float]]] = {label: [] for label, _, _ in runs}
+    for _ in range(reps):
+        for label, cmd, env in runs:
+            settle(out, cold)
+            seconds, peak, cpu = run(cmd, env)
+            samples[label].append((seconds, peak, cpu))
+            print(f"  {label}: {seconds:.2f} s, {cpu:.2f} s CPU, {peak:.0f} MB", file=sys.stderr)
+    settle(out, False)
+    return [{"label": label, "median_s": statistics.median(s[0] for s in got), "times": [s[0] for s in got],
+             "cpu_s": statistics.median(s[2] for s in got), "peak_rss_mb": max(s[1] for s in got)}
+            for label, got in samples.items()]
 
 
 def main() -> None:
@@ -126,6 +142,10 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--mergekit-reps", type=int, default=None, help="default: --reps")
     parser.add_argument("--mergekit-venv", default="/work/venv-bench")
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before every run (root only)")
+    parser.add_argument("--skip-mergekit", action="store_true")
+    parser.add_argument("--baseline-src", metavar="DIR", help="also time `sftdiff apply` imported from the source "
+                        "tree DIR (e.g. a `git worktree` of an earlier commit), for before/after tables")
     args = parser.parse_args()
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -146,32 +166,38 @@ def main() -> None:
     subprocess.run(["cat", *map(str, base.glob("*.safetensors"))], stdout=subprocess.DEVNULL, check=True)
 
     out = root / "out"
-    results = [
-        bench("cp -r", ["cp", "-r", str(base), str(out)], out, args.reps),
-        bench("cp -r + sync", ["sh", "-c", f'cp -r "{base}" "{out}" && sync "{out}"/*'], out, args.reps),
-        bench("sftdiff apply", [sftdiff, "apply", str(base), str(a), str(b), "-o", str(out), "-q",
-                                "--shard-size", SHARD], out, args.reps),
+    runs = [
+        ("cp -r", ["cp", "-r", str(base), str(out)], None),
+        ("cp -r + sync", ["sh", "-c", f'cp -r "{base}" "{out}" && sync "{out}"/*'], None),
+        ("sftdiff apply", [sftdiff, "apply", str(base), str(a), str(b), "-o", str(out), "-q",
+                           "--shard-size", SHARD], None),
     ]
+    if args.baseline_src:
+        env = dict(os.environ, PYTHONPATH=str(Path(args.baseline_src).resolve()))  # -P: not the cwd's copy
+        runs.append((f"sftdiff apply ({args.baseline_src})", [sys.executable, "-P", "-m", "sftdiff", *runs[2][1][1:]], env))
+    results = bench(runs, out, args.reps, args.cold)
     mergekit = Path(args.mergekit_venv) / "bin" / "mergekit-yaml"
-    if mergekit.exists():
+    if mergekit.exists() and not args.skip_mergekit:
         config = root / "task_arithmetic.yml"
         config.write_text(
             f"merge_method: task_arithmetic\nbase_model: {base}\ndtype: bfloat16\nmodels:\n"
             f"  - model: {root / 'ft_a'}\n    parameters:\n      weight: 1.0\n"
             f"  - model: {root / 'ft_b'}\n    parameters:\n      weight: 1.0\n")
         env = dict(os.environ, HF_HUB_OFFLINE="1")
-        results.append(bench("mergekit-yaml task_arithmetic",
-                             [str(mergekit), str(config), str(out), "--quiet", "--out-shard-size", "250M"],
-                             out, args.mergekit_reps or args.reps, env))
+        results += bench([("mergekit-yaml task_arithmetic",
+                           [str(mergekit), str(config), str(out), "--quiet", "--out-shard-size", "250M"], env)],
+                         out, args.mergekit_reps or args.reps, args.cold)
     else:
-        print(f"mergekit not found at {mergekit}; skipped", file=sys.stderr)
+        print(f"mergekit skipped (--skip-mergekit, or not found at {mergekit})", file=sys.stderr)
 
-    floor = results[0]["median_s"]
+    cp, cp_sync = results[0]["median_s"], results[1]["median_s"]
     print(f"\nbase: {numel / 1e9:.2f} B parameters, bfloat16, {len(list(base.glob('*.safetensors')))} shards; "
-          f"diffs: 2 x 1% ({a.stat().st_size / 1e6:.0f} + {b.stat().st_size / 1e6:.0f} MB); reps: {args.reps}\n")
-    print("| run | median s | x cp | peak RSS MB |\n|---|---|---|---|")
+          f"diffs: 2 x 1% ({a.stat().st_size / 1e6:.0f} + {b.stat().st_size / 1e6:.0f} MB); reps: {args.reps}; "
+          f"page cache: {'cold' if args.cold else 'warm'}\n")
+    print("| run | median s | x cp + sync | x cp | CPU s | peak RSS MB |\n|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['label']} | {r['median_s']:.2f} | {r['median_s'] / floor:.2f} | {r['peak_rss_mb']:.0f} |")
+        print(f"| {r['label']} | {r['median_s']:.2f} | {r['median_s'] / cp_sync:.2f} | {r['median_s'] / cp:.2f} "
+              f"| {r['cpu_s']:.2f} | {r['peak_rss_mb']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,343 @@
+"""Sparse training (attach/detach), LT-SFT, DDP equivalence and the retrain/train commands, on tiny
+BERT and Llama models built from configs with fixed seeds and offline word-level tokenizers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from sftdiff.diff import DenseEntry, SparseDiff, SparseEntry  # noqa: E402
+from sftdiff.errors import UsageError, VerificationError  # noqa: E402
+from sftdiff.train import attach, detach, lottery_ticket_sft, train_steps  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+WORDS = "the a cat dog bird sat ran flew on under over mat rug tree big small red blue .".split()
+BERT = dict(vocab_size=5 + len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0)
+LLAMA = dict(vocab_size=3 + len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+             num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
+
+
+def sentences(n: int, seed: int) -> list[str]:
+    """A toy language with structure a model can learn: article, adjective, noun, verb, place."""
+    rng = np.random.default_rng(seed)
+    pick = lambda options: options[rng.integers(len(options))]  # noqa: E731
+    return [f"{pick(['the', 'a'])} {pick(['big', 'small', 'red', 'blue'])} {pick(['cat', 'dog', 'bird'])} "
+            f"{pick(['sat', 'ran', 'flew'])} {pick(['on', 'under', 'over'])} the {pick(['mat', 'rug', 'tree'])} ."
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("text")
+    (d / "train.txt").write_text("\n".join(sentences(200, 0)) + "\n", encoding="utf-8")
+    (d / "heldout.txt").write_text("\n".join(sentences(40, 1)) + "\n", encoding="utf-8")
+    return d / "train.txt", d / "heldout.txt"
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory) -> Path:
+    """A bare BertModel (no MLM head) with a word-level BERT tokenizer."""
+    d = tmp_path_factory.mktemp("bert")
+    torch.manual_seed(0)
+    transformers.BertModel(transformers.BertConfig(**BERT)).save_pretrained(d)
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS)}
+    transformers.BertTokenizer(vocab=vocab).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    d = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).save_pretrained(d)
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", "<s>", "</s>"] + WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                         unk_token="<unk>").save_pretrained(d)
+    return d
+
+
+def tiny_bert_mlm(seed: int = 0):
+    torch.manual_seed(seed)
+    return transformers.BertForMaskedLM(transformers.BertConfig(**BERT))
+
+
+def tiny_llama(seed: int = 0):
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA))
+
+
+def clm_batches(n: int = 4, seed: int = 0) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(3, LLAMA["vocab_size"], (4, 16), generator=gen) for _ in range(n)]
+    return [{"input_ids": x, "labels": x} for x in ids]
+
+
+def random_mask(model, per_tensor: int = 30, seed: int = 0) -> dict[str, np.ndarray]:
+    gen = torch.Generator().manual_seed(seed)
+    return {n: torch.randperm(p.numel(), generator=gen)[:per_tensor].sort().values.numpy()
+            for n, p in model.named_parameters() if p.dim() == 2}
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.state_dict().items()}
+
+
+# -- attach / detach
+
+
+def test_sparse_training_changes_only_the_mask_and_learns():
+    model = tiny_llama()
+    base = snapshot(model)
+    mask = random_mask(model)
+    attach(model, mask)
+    losses = train_steps(model, clm_batches(), 40, lr=1e-2)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.1
+    trained = dict(model.named_parameters())  # names now point at the deltas; read effective weights
+    with torch.no_grad():
+        for name in mask:
+            module_name, attr = name.rsplit(".", 1)
+            effective = getattr(model.get_submodule(module_name), attr).reshape(-1)
+            outside = np.setdiff1d(np.arange(effective.numel()), mask[name])
+            assert torch.equal(effective[outside], base[name].reshape(-1)[outside])  # bit-identical
+            assert (effective[mask[name]] != base[name].reshape(-1)[mask[name]]).any()
+    assert all("delta" in n for n, p in trained.items() if p.requires_grad)
+    diff = detach(model)
+    for name, value in model.state_dict().items():  # detach restores the base exactly
+        assert torch.equal(value, base[name]), name
+    assert set(diff.entries) == set(mask)
+    for name, entry in diff.entries.items():
+        assert isinstance(entry, SparseEntry) and set(entry.indices) <= set(mask[name])
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_optimizer_state_is_the_size_of_k():
+    model = tiny_llama()
+    mask = random_mask(model, per_tensor=25)
+    k = sum(len(i) for i in mask.values())
+    attach(model, mask)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in trainable) == k
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    for batch in clm_batches(2):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
+    assert sum(t.numel() for t in state) == 2 * k  # exp_avg + exp_avg_sq, nothing model-sized
+    total = sum(p.numel() for p in model.parameters())
+    assert 2 * k < total / 10
+    detach(model)
+
+
+def test_detached_diff_applied_to_the_base_reproduces_the_trained_model():
+    from sftdiff.bake import apply_to_model
+
+    model = tiny_bert_mlm()
+    mask = random_mask(model, per_tensor=40)
+    mask = {n: i for n, i in mask.items() if n.startswith("bert.")}
+    mask = {n.removeprefix("bert."): i for n, i in mask.items()}  # spelled as a bare BertModel base
+    attach(model, mask, dense=["cls.*"])
+    train_steps(model, [_mlm_batch(s) for s in range(3)], 15, lr=1e-2)
+    model.eval()
+    probe = _mlm_batch(9)
+    with torch.no_grad():
+        trained_logits = model(**probe).logits
+    diff = detach(model)
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight  # still tied
+    assert "encoder.layer.0.attention.self.query.weight" in diff.entries  # base spelling kept
+    assert isinstance(diff.entries["cls.predictions.transform.dense.weight"], DenseEntry)
+    fresh = tiny_bert_mlm()
+    fresh.eval()
+    with torch.no_grad():
+        assert not torch.allclose(fresh(**probe).logits, trained_logits, atol=1e-4)
+        apply_to_model(fresh, diff)
+        torch.testing.assert_close(fresh(**probe).logits, trained_logits, atol=1e-6, rtol=1e-6)
+
+
+def _mlm_batch(seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, BERT["vocab_size"], (4, 12), generator=gen)
+    masked = torch.rand(ids.shape, generator=gen) < 0.3
+    return {"input_ids": torch.where(masked, 4, ids), "labels": torch.where(masked, ids, -100)}
+
+
+def test_keep_trained_bakes_the_deltas_in_and_from_values_resumes():
+    model = tiny_llama()
+    base = snapshot(model)
+    mask = random_mask(model, per_tensor=10)
+    attach(model, mask)
+    train_steps(model, clm_batches(1), 5, lr=1e-2)
+    diff = detach(model, keep_trained=True)
+    name = "model.layers.0.mlp.up_proj.weight"
+    changed = torch.nonzero((model.state_dict()[name] != base[name]).reshape(-1)).reshape(-1).numpy()
+    assert set(changed) == set(diff.entries[name].indices)
+    resumed = tiny_llama()
+    attach(resumed, diff, from_values=True)
+    again = detach(resumed)
+    np.testing.assert_array_equal(again.entries[name].values, diff.entries[name].values)
+
+
+def test_attach_rejects_wrong_names_shapes_and_double_attach():
+    model = tiny_llama()
+    with pytest.raises(VerificationError, match="no parameter"):
+        attach(model, {"model.layers.9.mlp.up_proj.weight": np.array([0])})
+    entry = SparseEntry.from_float((3, 3), np.array([0]), np.array([1.0]))
+    with pytest.raises(VerificationError, match="shape"):
+        attach(model, SparseDiff({"model.layers.0.mlp.up_proj.weight": entry}))
+    with pytest.raises(VerificationError, match="outside"):
+        attach(model, {"model.layers.0.mlp.up_proj.weight": np.array([10**9])})
+    attach(model, {"model.layers.0.mlp.up_proj.weight": np.array([0, 5])})
+    with pytest.raises(UsageError, match="already"):
+        attach(model, {"model.layers.0.mlp.up_proj.weight": np.array([0])})
+    detach(model)
+    with pytest.raises(UsageError, match="nothing to detach"):
+        detach(model)
+
+
+# -- LT-SFT
+
+
+def test_lottery_ticket_sft_selects_the_top_k_of_full_fine_tuning_then_retrains_them():
+    k, steps = 300, 15
+    batches = clm_batches()
+    model = tiny_llama()
+    base = snapshot(model)
+    diff = lottery_ticket_sft(model, batches, k=k, full_steps=steps, sparse_steps=steps, lr=1e-2,
+                              exclude_globs=["*norm*"])
+    assert 0 < diff.nnz <= k and diff.meta.origin["method"] == "lt-sft"
+    assert not any("norm" in n for n in diff.entries)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, base[name])  # the model is left as given
+    full_loss, sparse_loss = diff.meta.origin["full_loss"], diff.meta.origin["sparse_loss"]
+    assert sparse_loss[1] < sparse_loss[0] and full_loss[1] < full_loss[0]
+
+    # The same full fine-tuning by hand: the diff's indices are among its exact top-k of |Δ|.
+    reference = tiny_llama()
+    for n, p in reference.named_parameters():
+        p.requires_grad_("norm" not in n)
+    train_steps(reference, batches, steps, lr=1e-2)
+    moved = {n: (p.detach() - base[n]).abs().reshape(-1) for n, p in reference.named_parameters() if "norm" not in n}
+    threshold = torch.cat(list(moved.values())).topk(k).values[-1]
+    for name, entry in diff.entries.items():
+        top = set(torch.nonzero(moved[name] >= threshold).reshape(-1).tolist())
+        assert set(entry.indices.tolist()) <= top
+
+
+def test_lottery_ticket_sft_trains_new_parameters_densely_and_l1_shrinks_deltas(bert_dir):
+    batches = [_mlm_batch(s) for s in range(3)]
+    kwargs = dict(density=0.01, full_steps=10, sparse_steps=10, lr=1e-2, base=str(bert_dir))
+    plain = lottery_ticket_sft(tiny_bert_mlm(), batches, **kwargs)
+    dense = {n for n, e in plain.entries.items() if isinstance(e, DenseEntry)}
+    assert dense and all(n.startswith("cls.") for n in dense)  # the head the bare base lacks
+    assert all(not n.startswith("bert.") for n in plain.entries)  # base spelling
+    assert plain.meta.base["fingerprint"].startswith("sfp1:")
+    shrunk = lottery_ticket_sft(tiny_bert_mlm(), batches, sparse_l1_reg=50.0, **kwargs)
+    assert l1_size(shrunk) < 0.8 * l1_size(plain)
+
+
+def l1_size(diff: SparseDiff) -> float:
+    return sum(np.abs(e.values_f32()).sum() for e in diff.entries.values() if isinstance(e, SparseEntry))
+
+
+def test_transformers_trainer_trains_only_the_deltas(tmp_path):
+    model = tiny_llama()
+    base = snapshot(model)
+    mask = random_mask(model, per_tensor=20)
+    attach(model, mask)
+    rows = [{"input_ids": r, "labels": r} for b in clm_batches(2) for r in b["input_ids"]]
+    args = transformers.TrainingArguments(str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+                                          save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=rows)
+    trainer.train()
+    state = [t for s in trainer.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
+    assert sum(t.numel() for t in state) == 2 * sum(len(i) for i in mask.values())
+    diff = detach(model)
+    assert diff.nnz > 0 and all(torch.equal(v, base[n]) for n, v in model.state_dict().items())
+
+
+# -- data parallelism
+
+
+def test_two_process_ddp_gives_the_same_diff_as_one_process(llama_dir, tmp_path):
+    worker = Path(__file__).with_name("ddp_worker.py")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(worker), str(llama_dir), str(tmp_path / "one.sft")], check=True, env=env,
+                   timeout=300)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                          str(worker), str(llama_dir), str(tmp_path / "two.sft")], env=env, timeout=300,
+                         capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one, two = SparseDiff.load(tmp_path / "one.sft"), SparseDiff.load(tmp_path / "two.sft")
+    assert set(one.entries) == set(two.entries) and one.nnz > 0
+    for name in one.entries:
+        np.testing.assert_array_equal(one.entries[name].indices, two.entries[name].indices)
+        # Only the order of float additions differs (all-reduce vs one batch). Values reach 5e-2;
+        # observed differences are ~5e-8, so 1e-6 is a tight bound that still allows for that.
+        np.testing.assert_allclose(one.entries[name].values_f32(), two.entries[name].values_f32(), atol=1e-6)
+
+
+# -- CLI
+
+
+def run_cli(*args: str) -> None:
+    from sftdiff.cli import main
+
+    main([str(a) for a in args])
+
+
+def test_cli_train_writes_an_lt_sft_language_diff(bert_dir, corpus, tmp_path, capsys):
+    out = tmp_path / "lang.sft"
+    run_cli("train", bert_dir, "--text", corpus[0], "--objective", "mlm", "-k", 500, "-o", out,
+            "--full-steps", 8, "--sparse-steps", 8, "--lr", 5e-3, "--batch-size", 4, "--seq-len", 24,
+            "--eval-text", corpus[1], "--exclude", "*LayerNorm*", "--device", "cpu", "--quiet")
+    diff = SparseDiff.load(out)
+    diff.validate()
+    origin = diff.meta.origin
+    assert origin["method"] == "lt-sft" and origin["objective"] == "mlm" and origin["k"] == 500
+    assert origin["seed"] == 0 and origin["full_steps"] == 8 and origin["held_out_loss"] > 0
+    assert 0 < diff.nnz <= 500 and not any("LayerNorm" in n and not n.startswith("cls.") for n in diff.entries)
+    assert {n for n in diff.entries if diff.info(n).kind == "dense"} >= {"cls.predictions.transform.dense.weight"}
+    assert "held-out loss" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:  # refuses to overwrite without --force
+        run_cli("train", bert_dir, "--text", corpus[0], "--objective", "mlm", "-k", 500, "-o", out)
+    assert exit_info.value.code == 5 and "--force" in capsys.readouterr().err
+
+
+def test_cli_retrain_retrains_exactly_the_diffs_entries(llama_dir, corpus, tmp_path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama_dir)
+    mask = random_mask(model, per_tensor=20, seed=3)
+    source = SparseDiff({n: SparseEntry.from_float(tuple(model.get_parameter(n).shape), i, np.ones(len(i)))
+                         for n, i in mask.items()})
+    source.save(tmp_path / "mask.sft")
+    out = tmp_path / "retrained.sft"
+    run_cli("retrain", llama_dir, tmp_path / "mask.sft", "--text", corpus[0], "--objective", "clm", "-o", out,
+            "--steps", 10, "--lr", 1e-2, "--batch-size", 4, "--seq-len", 16, "--seed", 1, "--quiet")
+    diff = SparseDiff.load(out)
+    diff.validate()
+    assert diff.meta.origin["method"] == "retrain" and diff.meta.origin["steps"] == 10
+    for name, entry in diff.entries.items():
+        assert set(entry.indices.tolist()) <= set(mask[name].tolist())
+        assert not np.array_equal(entry.values_f32(), np.ones(entry.nnz))  # retrained from the base, not copied
+
+
+def test_cli_reports_bad_input_in_one_line(llama_dir, tmp_path, capsys):
+    (tmp_path / "tiny.txt").write_text("the cat\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("train", llama_dir, "--text", tmp_path / "tiny.txt", "--objective", "clm", "-k", 10,
+                "-o", tmp_path / "x.sft", "--seq-len", 64)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 3 and "fewer than one block" in err and "Traceback" not in err
+    assert not (tmp_path / "x.sft").exists()
