@@ -246,3 +246,119 @@ def test_cli_convert_and_inspect(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["totals"]["dense_entries"] == len(dense)
+
+
+# ---------------------------------------------------------------- hostile structure (fuzzer findings)
+
+
+def _diff_file(path: Path, **fields) -> Path:
+    """A one-entry pytorch_diff.bin whose fields can be replaced (None: left out)."""
+    import torch
+
+    d = {"size": torch.Size([4, 4]), "index_steps": [1, 4], "values": torch.tensor([0.5, -1.0])}
+    d.update(fields)
+    torch.save({"diffs": {"w": {k: v for k, v in d.items() if v is not None}}, "abs": {}}, path)
+    return path
+
+
+def _hostile_fields() -> dict:
+    import torch
+
+    return {
+        "missing-key-with-extra-key": (dict(values=None, extra=1), "needs 'size', 'index_steps' and 'values'"),
+        "size-of-strings": (dict(size=("a", 2)), "non-negative integers"),
+        "size-negative": (dict(size=(-4, 4)), "non-negative integers"),
+        "size-over-int64": (dict(size=torch.Size([2**32, 2**32])), "more than"),
+        "first-step-negative": (dict(index_steps=[-1, 4]), "start at >= 0"),
+        "later-step-zero": (dict(index_steps=[1, 0]), "strictly increasing"),
+        "step-float": (dict(index_steps=[1, 2.0]), "list of integers"),
+        "step-nested-list": (dict(index_steps=[1, [2, 3]]), "list of integers"),
+        "step-over-64-bits": (dict(index_steps=[1, 2**64]), "fit in 64 bits"),
+        "steps-past-the-end": (dict(index_steps=[1, 15]), "out of range"),
+        # every step is in range, but the int64 running sum wraps: 2^62 + 2^62 = 2^63 -> negative
+        "steps-sum-wraps-int64": (dict(size=torch.Size([2**63 - 1]), index_steps=[2**62, 2**62, 2**62],
+                                       values=torch.ones(3)), "out of range"),
+        "values-integers": (dict(values=torch.tensor([1, 2])), "expected floating point"),
+        "values-too-many": (dict(values=torch.ones(3)), "2 indices but 3 values"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_hostile_fields()))
+def test_hostile_diff_fields_are_format_errors(case, tmp_path):
+    fields, match = _hostile_fields()[case]
+    path = _diff_file(tmp_path / "pytorch_diff.bin", **fields)
+    with pytest.raises(FormatError, match=match) as info:
+        read_composable(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def _rewrite_member_headers(data: bytes, name_suffix: str, *, compress: int | None = None,
+                            flags: int | None = None) -> bytes:
+    """Set the compression method or flag bits of one member in both its local and central header."""
+    import struct
+
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith(name_suffix))
+    out = bytearray(data)
+    central = out.find(b"PK\x01\x02")
+    while central >= 0:  # find this member's central header by its name
+        name_len = struct.unpack_from("<H", out, central + 28)[0]
+        if bytes(out[central + 46 : central + 46 + name_len]).decode() == info.filename:
+            break
+        central = out.find(b"PK\x01\x02", central + 4)
+    for header, flag_at, method_at in ((info.header_offset, 6, 8), (central, 8, 10)):
+        if flags is not None:
+            struct.pack_into("<H", out, header + flag_at, flags)
+        if compress is not None:
+            struct.pack_into("<H", out, header + method_at, compress)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("member", ["byteorder", "data.pkl", "data/0"])
+@pytest.mark.parametrize("edit", [dict(flags=1), dict(compress=zipfile.ZIP_DEFLATED), dict(compress=99)])
+def test_encrypted_or_compressed_members_are_refused(member, edit, tmp_path):
+    """zipfile would raise RuntimeError (password needed), zlib.error or NotImplementedError."""
+    data = _diff_file(tmp_path / "good.bin").read_bytes()
+    bad = tmp_path / "pytorch_diff.bin"
+    bad.write_bytes(_rewrite_member_headers(data, member, **edit))
+    with pytest.raises(FormatError, match="compressed or encrypted"):
+        read_composable(bad)
+
+
+def test_damaged_archives_are_format_errors(tmp_path):
+    data = _diff_file(tmp_path / "good.bin").read_bytes()
+    eocd = data.rfind(b"PK\x05\x06")
+    cases = {
+        # zipfile trusts the zip64 record and silently ignores a contradicting classic offset
+        "classic-offset-contradicts-zip64": data[: eocd + 16] + (0xFFFFFFF0).to_bytes(4, "little") + data[eocd + 20:],
+        "member-name-not-utf8": data.replace(b"/byteorder", b"/byteord\xb8r"),
+        "zip-version-unsupported": _needs_zip_version(data, 137),
+        "local-header-damaged": _damage_local_header(data, "byteorder"),
+        "directory": None,
+    }
+    for case, content in cases.items():
+        path = tmp_path / case
+        if content is None:
+            path.mkdir()
+        else:
+            path.write_bytes(content)
+        with pytest.raises(FormatError) as info:
+            read_composable(path)
+            raise AssertionError(f"{case} was accepted")
+        assert str(path) in str(info.value) and "\n" not in str(info.value), case
+
+
+def _damage_local_header(data: bytes, suffix: str) -> bytes:
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith(suffix))
+    return data[: info.header_offset] + b"XXXX" + data[info.header_offset + 4 :]
+
+
+def _needs_zip_version(data: bytes, version: int) -> bytes:
+    """Claim a zip version zipfile does not implement in every central-directory entry."""
+    out = bytearray(data)
+    at = out.find(b"PK\x01\x02")
+    while at >= 0:
+        out[at + 6] = version
+        at = out.find(b"PK\x01\x02", at + 4)
+    return bytes(out)

@@ -253,3 +253,92 @@ def test_lora_export_loads_in_peft_within_reported_error(base_dir, tmp_path):
     # Full rank reproduces a 2-D delta exactly.
     exact = convert(str(tmp_path / "d.sft"), tmp_path / "lora16", rank=16).lora
     assert exact.errors[QUERY] < 1e-5 and exact.errors[VALUE] < 1e-5
+
+
+# ---------------------------------------------------------------- hostile adapters (fuzzer findings)
+
+
+def _raw_adapter(folder: Path, config: dict, tensors: dict[str, np.ndarray]) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    save_file({f"base_model.model.{k}": v for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+_Q = QUERY[: -len(".weight")]
+_I32, _F32 = np.int32, np.float32
+
+SPIEL_HOSTILE = {
+    "indices-float": ({"indices": np.array([1.0, 2.0], _F32), "values": np.ones(2, _F32)}, "not integers"),
+    "indices-2d": ({"indices": np.array([[1, 2]], _I32), "values": np.ones(2, _F32)}, "must be 1-D"),
+    "values-int": ({"indices": np.array([1, 2], _I32), "values": np.array([1, 2], _I32)}, "not floating point"),
+    "length-mismatch": ({"indices": np.array([1, 2, 3], _I32), "values": np.ones(2, _F32)}, "3 indices but 2 values"),
+    "index-negative": ({"indices": np.array([-1, 2], _I32), "values": np.ones(2, _F32)}, "out of range"),
+    "index-past-end": ({"indices": np.array([1, 256], _I32), "values": np.ones(2, _F32)}, "out of range"),
+    "index-huge-uint64": ({"indices": np.array([1, 2**64 - 1], np.uint64), "values": np.ones(2, _F32)}, "out of range"),
+    "repeats-overflow-float32": ({"indices": np.array([3, 3], _I32), "values": np.full(2, 3e38, _F32)}, "infinity"),
+}
+
+
+@pytest.mark.parametrize("case", list(SPIEL_HOSTILE))
+def test_hostile_spiel_tensors_are_format_errors(base_dir, tmp_path, case):
+    parts, match = SPIEL_HOSTILE[case]
+    tensors = {f"{_Q}.sft_delta.{kind}": array for kind, array in parts.items()}
+    folder = _raw_adapter(tmp_path / "spiel", {"peft_type": "SFT"}, tensors)
+    with pytest.raises(FormatError, match=match) as info:
+        load_foreign(str(folder), base=Checkpoint.open(base_dir))
+    assert "\n" not in str(info.value)
+
+
+def _lora_tensors(rank: int = 2, a_rank: int | None = None, dtype=np.float32) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {f"{_Q}.lora_A.weight": rng.standard_normal((a_rank or rank, 16)).astype(dtype),
+            f"{_Q}.lora_B.weight": rng.standard_normal((16, rank)).astype(dtype)}
+
+
+LORA_HOSTILE = {
+    "r-boolean": ({"r": True}, {}, "r must be a positive integer"),
+    "r-float": ({"r": 2.0}, {}, "r must be a positive integer"),
+    "alpha-negative": ({"lora_alpha": -4}, {}, "lora_alpha must be a positive number"),
+    "alpha-pattern-list": ({"alpha_pattern": ["query"]}, {}, "alpha_pattern must be an object"),
+    "rank-pattern-value-string": ({"rank_pattern": {"query": "2"}}, {}, "must be a positive integer"),
+    "pattern-key-not-a-regex": ({"alpha_pattern": {"query(": 2}}, {}, "not a valid regular expression"),
+    "use-rslora-string": ({"use_rslora": "yes"}, {}, "use_rslora must be true or false"),
+    "modules-to-save-numbers": ({"modules_to_save": [1, 2]}, {}, "modules_to_save must be a list"),
+    "base-hint-number": ({"base_model_name_or_path": 5}, {}, "base_model_name_or_path must be a string"),
+    "factors-integer": ({}, {"dtype": np.int32}, "expected floating point"),
+    "factor-ranks-differ": ({}, {"a_rank": 3}, "A is \\[3, 16\\], B is \\[16, 2\\]"),
+    "rank-differs-from-config": ({"r": 4}, {}, "has rank 2 but the config says r=4"),
+}
+
+
+@pytest.mark.parametrize("case", list(LORA_HOSTILE))
+def test_hostile_lora_adapters_are_format_errors(base_dir, tmp_path, case):
+    config, tensor_args, match = LORA_HOSTILE[case]
+    folder = _raw_adapter(tmp_path / "lora", {"peft_type": "LORA", "r": 2, "lora_alpha": 4, **config},
+                          _lora_tensors(**tensor_args))
+    with pytest.raises(FormatError, match=match) as info:
+        load_foreign(str(folder), base=Checkpoint.open(base_dir))
+    assert "\n" not in str(info.value)
+
+
+def test_lora_product_overflowing_float32_is_a_format_error(base_dir, tmp_path):
+    tensors = {k: np.full_like(v, 1e30) for k, v in _lora_tensors().items()}
+    folder = _raw_adapter(tmp_path / "lora", {"peft_type": "LORA", "r": 2, "lora_alpha": 2}, tensors)
+    with pytest.raises(FormatError, match="NaN or infinity"):
+        load_foreign(str(folder), base=Checkpoint.open(base_dir))
+
+
+def test_lora_shapes_are_checked_against_the_base_before_multiplying(base_dir, tmp_path, monkeypatch):
+    """A/B whose product would not fit the base parameter are refused before ΔW is computed (a
+    small file can describe an enormous product)."""
+    from sftdiff.errors import VerificationError
+    from sftdiff.formats import lora
+
+    rng = np.random.default_rng(0)
+    tensors = {f"{_Q}.lora_A.weight": rng.standard_normal((1, 4000)).astype(np.float32),
+               f"{_Q}.lora_B.weight": rng.standard_normal((4000, 1)).astype(np.float32)}
+    folder = _raw_adapter(tmp_path / "lora", {"peft_type": "LORA", "r": 1, "lora_alpha": 1}, tensors)
+    monkeypatch.setattr(lora, "_delta", lambda *a: pytest.fail("ΔW was computed"))
+    with pytest.raises(VerificationError, match="has shape \\[4000, 4000\\]"):
+        load_foreign(str(folder), base=Checkpoint.open(base_dir))

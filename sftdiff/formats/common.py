@@ -4,6 +4,7 @@ names and shapes from a base, adapter folders."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -25,28 +26,35 @@ PEFT_PREFIX = "base_model.model."
 
 def canonical_sparse(shape: tuple[int, ...], indices: np.ndarray, values: np.ndarray, *,
                      what: str) -> SparseEntry | None:
-    """A canonical entry from indices that may be unsorted, repeated or carry zeros: repeats are
-    summed (as applying them one after another would), zeros dropped. None if nothing is left."""
-    numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    indices = np.asarray(indices).reshape(-1)
-    values = np.asarray(values, dtype=np.float32).reshape(-1)
+    """A canonical entry from 1-D integer indices that may be unsorted, repeated or carry zeros and
+    1-D floating-point values: repeats are summed (as applying them one after another would), zeros
+    dropped. None if nothing is left."""
+    numel = math.prod(shape)
+    indices, values = np.asarray(indices), np.asarray(values)
+    if indices.ndim != 1 or values.ndim != 1:
+        raise FormatError(f"{what}: indices and values must be 1-D (got {indices.ndim}-D and {values.ndim}-D)")
     if indices.shape != values.shape:
         raise FormatError(f"{what}: {indices.size} indices but {values.size} values")
-    if not np.issubdtype(indices.dtype, np.integer):
+    if indices.dtype.kind not in "iu":
         raise FormatError(f"{what}: indices are {indices.dtype}, not integers")
+    if values.dtype.kind != "f":
+        raise FormatError(f"{what}: values are {values.dtype}, not floating point")
+    with np.errstate(over="ignore"):  # F64 beyond float32's range becomes infinity, refused below
+        values = values.astype(np.float32, copy=False)
     if indices.size == 0:
         return None
-    indices = indices.astype(np.int64, copy=False)
-    if int(indices.min()) < 0 or int(indices.max()) >= numel:
+    if int(indices.min()) < 0 or int(indices.max()) >= numel:  # exact: Python ints, before any cast
         raise FormatError(f"{what}: index out of range [0, {numel}) for shape {list(shape)}")
-    if not np.isfinite(values).all():
-        raise FormatError(f"{what}: values contain NaN or infinity")
+    indices = indices.astype(np.int64, copy=False)
     if indices.size > 1 and not bool(np.all(indices[1:] > indices[:-1])):
         order = np.argsort(indices, kind="stable")
         indices, values = indices[order], values[order]
         starts = np.flatnonzero(np.concatenate(([True], indices[1:] != indices[:-1])))
         indices = indices[starts]
-        values = np.add.reduceat(values.astype(np.float64), starts).astype(np.float32)
+        with np.errstate(over="ignore"):  # an overflow becomes infinity, refused just below
+            values = np.add.reduceat(values.astype(np.float64), starts).astype(np.float32)
+    if not np.isfinite(values).all():  # after merging: summed repeats can overflow float32
+        raise FormatError(f"{what}: values contain NaN or infinity")
     return SparseEntry.from_float(shape, indices, values)
 
 
@@ -116,21 +124,28 @@ def topk_sparse(entries: Mapping[str, Entry], k: int | None, density: float | No
     return out
 
 
-def rename_to_base(entries: Mapping[str, Entry], base: Checkpoint, *, source: str) -> dict[str, Entry]:
-    """Entries keyed by the base's spelling of each name, shapes checked against the base."""
-    mapping = map_to_base(base.tensors, entries)
-    out: dict[str, Entry] = {}
-    for name, entry in entries.items():
+def base_names(shapes: Mapping[str, tuple[int, ...]], base: Checkpoint, *, source: str) -> dict[str, str]:
+    """Each name's spelling in the base, checking that the base has it with the same shape."""
+    mapping = map_to_base(base.tensors, shapes)
+    out: dict[str, str] = {}
+    for name, shape in shapes.items():
         target = mapping[name]
         if target is None:
             raise VerificationError(f"{source}: parameter {name!r} does not exist in the base {base.path}")
-        if tuple(base.tensors[target].shape) != tuple(entry.shape):
+        if tuple(base.tensors[target].shape) != tuple(shape):
             raise VerificationError(
-                f"{source}: {name!r} has shape {list(entry.shape)} but the base's {target!r} is "
+                f"{source}: {name!r} has shape {list(shape)} but the base's {target!r} is "
                 f"{list(base.tensors[target].shape)}; is this the right base?"
             )
-        out[target] = _with_base_dtype(entry, base.tensors[target].dtype)
+        out[name] = target
     return out
+
+
+def rename_to_base(entries: Mapping[str, Entry], base: Checkpoint, *, source: str) -> dict[str, Entry]:
+    """Entries keyed by the base's spelling of each name, shapes checked against the base."""
+    targets = base_names({name: entry.shape for name, entry in entries.items()}, base, source=source)
+    return {targets[name]: _with_base_dtype(entry, base.tensors[targets[name]].dtype)
+            for name, entry in entries.items()}
 
 
 def _with_base_dtype(entry: Entry, dtype: str) -> Entry:
@@ -172,11 +187,19 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
         config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FormatError(f"{folder}: no {ADAPTER_CONFIG} (not a PEFT adapter folder)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8, bad JSON, huge ints
         raise FormatError(f"{path}: unreadable JSON ({e.__class__.__name__})") from None
     if not isinstance(config, dict):
         raise FormatError(f"{path}: must hold a JSON object")
     return config
+
+
+def adapter_hint(config: Mapping[str, Any], folder: Path) -> str | None:
+    """The config's base_model_name_or_path (None when absent)."""
+    hint = config.get("base_model_name_or_path")
+    if hint is not None and not isinstance(hint, str):
+        raise FormatError(f"{folder / ADAPTER_CONFIG}: base_model_name_or_path must be a string")
+    return hint
 
 
 def read_adapter_weights(folder: Path) -> dict[str, np.ndarray]:
@@ -205,8 +228,8 @@ def adapter_base(config: Mapping[str, Any], base: Checkpoint | None, folder: Pat
     resolves locally (a folder, or a Hub id in the local cache)."""
     if base is not None:
         return base
-    hint = config.get("base_model_name_or_path")
-    if isinstance(hint, str) and hint:
+    hint = adapter_hint(config, folder)
+    if hint:
         from .. import hub
 
         if os.path.exists(hint) or hub.looks_like_repo_id(hint):

@@ -9,6 +9,7 @@ composable-sft reads its files with torch.load.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ from .common import canonical_sparse, make_diff
 from .torch_pickle import TorchArray, load_torch_zip
 
 FILE_NAME = "pytorch_diff.bin"
+_DIFF_KEYS = {"size", "index_steps", "values"}
+MAX_NUMEL = 2**63 - 1  # flat indices are int64
 
 
 def column_major_to_row_major(indices: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -50,16 +53,36 @@ def _float_values(t: Any, where: str) -> np.ndarray:
     return t.array.astype(np.float32)
 
 
-def _decode_steps(steps: Any, where: str) -> np.ndarray:
-    """Sorted flat indices from their delta encoding (numpy infers int64 only for integers)."""
-    if not isinstance(steps, list):
+def _shape(size: Any, where: str) -> tuple[tuple[int, ...], int]:
+    """(shape, numel) of a diff's 'size': non-negative ints whose product fits in int64 (numpy's
+    index arithmetic needs that)."""
+    if not isinstance(size, tuple) or not all(type(d) is int and d >= 0 for d in size):
+        raise FormatError(f"{where}: 'size' is not a torch.Size of non-negative integers")
+    numel = math.prod(size)
+    if numel > MAX_NUMEL:
+        raise FormatError(f"{where}: size {list(size)} has more than {MAX_NUMEL} elements")
+    return size, numel
+
+
+def _decode_steps(steps: Any, numel: int, where: str) -> np.ndarray:
+    """Sorted flat indices in [0, numel) from their delta encoding: the first step is the first
+    index (>= 0), every later step is >= 1 (indices strictly increase)."""
+    if not isinstance(steps, list) or not all(isinstance(s, (int, np.integer)) for s in steps):
         raise FormatError(f"{where}: index_steps must be a list of integers")
-    array = np.asarray(steps) if steps else np.empty(0, dtype=np.int64)
-    if array.ndim != 1 or array.dtype.kind not in "iu":
-        raise FormatError(f"{where}: index_steps must be a list of integers that fit in 64 bits")
-    if array.size and array.min() < 0:
-        raise FormatError(f"{where}: index_steps must not be negative")
-    return np.cumsum(array.astype(np.int64))
+    try:
+        array = np.array(steps, dtype=np.int64)
+    except OverflowError:
+        raise FormatError(f"{where}: index_steps must be integers that fit in 64 bits") from None
+    if array.size == 0:
+        return array
+    if array[0] < 0 or bool(np.any(array[1:] < 1)):
+        raise FormatError(f"{where}: index_steps must start at >= 0 and then be >= 1 (strictly increasing indices)")
+    flat = np.cumsum(array)
+    # Every step is below 2^63, so a sum that wraps past int64 comes out smaller than the one before
+    # it: strictly increasing sums are exact.
+    if bool(np.any(flat[1:] <= flat[:-1])) or int(flat[-1]) >= numel:
+        raise FormatError(f"{where}: index_steps add up to an index out of range [0, {numel})")
+    return flat
 
 
 def read_composable(path: str | Path) -> dict[str, Entry]:
@@ -70,16 +93,11 @@ def read_composable(path: str | Path) -> dict[str, Entry]:
     entries: dict[str, Entry] = {}
     for name, d in obj.get("diffs", {}).items():
         where = f"{path}: diff {name!r}"
-        if not isinstance(name, str) or not isinstance(d, dict) or set(d) < {"size", "index_steps", "values"}:
+        if not isinstance(name, str) or not isinstance(d, dict) or not _DIFF_KEYS <= d.keys():
             raise FormatError(f"{where}: needs 'size', 'index_steps' and 'values'")
-        shape = d["size"]
-        if not isinstance(shape, tuple):
-            raise FormatError(f"{where}: 'size' is not a torch.Size")
-        flat = _decode_steps(d["index_steps"], where)
+        shape, numel = _shape(d["size"], where)
+        flat = _decode_steps(d["index_steps"], numel, where)
         values = _float_values(d["values"], f"{where}: 'values'").reshape(-1)
-        numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        if flat.size and flat[-1] >= numel:
-            raise FormatError(f"{where}: index out of range for size {list(shape)}")
         entry = canonical_sparse(shape, column_major_to_row_major(flat, shape), values, what=where)
         if entry is not None:
             entries[name] = entry

@@ -18,8 +18,8 @@ import numpy as np
 from ..checkpoint import Checkpoint
 from ..diff import DenseEntry, Entry, SparseDiff, SparseEntry
 from ..errors import FormatError
-from .common import (PEFT_PREFIX, make_diff, read_adapter_config, read_adapter_weights, strip_peft_prefix,
-                     topk_from_dense, write_adapter)
+from .common import (ADAPTER_CONFIG, PEFT_PREFIX, adapter_hint, base_names, make_diff, read_adapter_config,
+                     read_adapter_weights, strip_peft_prefix, topk_from_dense, write_adapter)
 
 PEFT_TYPE = "LORA"
 _LINEAR = (".lora_A.weight", ".lora_B.weight")
@@ -28,12 +28,90 @@ _EMBEDDING = (".lora_embedding_A", ".lora_embedding_B")
 _EMBEDDING_NAME = re.compile(r"(^|\.)(\w*embed\w*|wte|wpe|shared)\.weight$")
 
 
-def pattern_value(pattern: Mapping[str, Any], module: str, default: Any) -> Any:
+def pattern_value(pattern: list[tuple[re.Pattern[str], Any]], module: str, default: Any) -> Any:
     """PEFT's rank_pattern/alpha_pattern lookup: a key matches a module name or a dotted suffix."""
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+    for regex, value in pattern:
+        if regex.match(module):
             return value
     return default
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """The parts of adapter_config.json that import uses, each checked for type and range."""
+
+    r: int
+    alpha: float
+    rank_pattern: list[tuple[re.Pattern[str], int]]
+    alpha_pattern: list[tuple[re.Pattern[str], float]]
+    use_rslora: bool
+    fan_in_fan_out: bool
+    modules_to_save: list[str]
+    hint: str | None
+
+    @classmethod
+    def parse(cls, config: Mapping[str, Any], folder: Path) -> "LoraConfig":
+        where = folder / ADAPTER_CONFIG
+        if str(config.get("peft_type", "")).upper() != PEFT_TYPE:
+            raise FormatError(f"{folder}: peft_type is {config.get('peft_type')!r:.60}, expected 'LORA'")
+        _check_supported(config, folder)
+        saved = config.get("modules_to_save") or []
+        if not isinstance(saved, list) or not all(isinstance(s, str) for s in saved):
+            raise FormatError(f"{where}: modules_to_save must be a list of module names")
+        return cls(
+            r=_positive(config.get("r", 8), "r", where, integer=True),
+            alpha=_positive(config.get("lora_alpha", 8), "lora_alpha", where, integer=False),
+            rank_pattern=_pattern(config.get("rank_pattern"), "rank_pattern", where, integer=True),
+            alpha_pattern=_pattern(config.get("alpha_pattern"), "alpha_pattern", where, integer=False),
+            use_rslora=_flag(config, "use_rslora", where),
+            fan_in_fan_out=_flag(config, "fan_in_fan_out", where),
+            modules_to_save=saved,
+            hint=adapter_hint(config, folder),
+        )
+
+    def scaling(self, module: str, rank: int, folder: Path) -> float:
+        r = pattern_value(self.rank_pattern, module, self.r)
+        alpha = pattern_value(self.alpha_pattern, module, self.alpha)
+        if r != rank:
+            raise FormatError(f"{folder}: module {module!r} has rank {rank} but the config says r={r}")
+        return alpha / (math.sqrt(r) if self.use_rslora else r)
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
+            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _positive(value: Any, key: str, where: Path, *, integer: bool) -> Any:
+    """A positive int (`integer`) or positive finite number; booleans are not numbers here."""
+    ok = type(value) is int if integer else type(value) in (int, float)
+    if not ok or not (0 < value < math.inf):
+        shown = f"{value!r}" if type(value) in (int, float) else _json_type(value)
+        raise FormatError(f"{where}: {key} must be a positive {'integer' if integer else 'number'}, not {shown}")
+    return value
+
+
+def _pattern(value: Any, key: str, where: Path, *, integer: bool) -> list[tuple[re.Pattern[str], Any]]:
+    """rank_pattern/alpha_pattern: module-name regexes (as PEFT matches them) → positive values."""
+    if value is None:
+        return []
+    if not isinstance(value, dict):
+        raise FormatError(f"{where}: {key} must be an object, not {_json_type(value)}")
+    out = []
+    for pattern, v in value.items():
+        try:
+            regex = re.compile(rf"(.*\.)?({pattern})$")
+        except (re.error, RecursionError, OverflowError):
+            raise FormatError(f"{where}: {key} key {pattern[:60]!r} is not a valid regular expression") from None
+        out.append((regex, _positive(v, f"{key}[{pattern[:60]!r}]", where, integer=integer)))
+    return out
+
+
+def _flag(config: Mapping[str, Any], key: str, where: Path) -> bool:
+    value = config.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise FormatError(f"{where}: {key} must be true or false, not {_json_type(value)}")
+    return bool(value)
 
 
 def _check_supported(config: Mapping[str, Any], folder: Path) -> None:
@@ -49,7 +127,7 @@ def _check_supported(config: Mapping[str, Any], folder: Path) -> None:
             raise FormatError(f"{folder}: cannot import this LoRA adapter: {why}")
     if config.get("bias", "none") != "none":
         raise FormatError(f"{folder}: cannot import this LoRA adapter: it trains biases (bias="
-                          f"{config.get('bias')!r}), which are full replacements not recorded as deltas")
+                          f"{config.get('bias')!r:.60}), which are full replacements not recorded as deltas")
 
 
 @dataclass
@@ -59,26 +137,25 @@ class _Module:
     embedding: bool = False
 
 
-def _scaling(config: Mapping[str, Any], module: str, rank: int, folder: Path) -> float:
-    r = pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8))
-    alpha = pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
-    if r != rank:
-        raise FormatError(f"{folder}: module {module!r} has rank {rank} but the config says r={r}")
-    return float(alpha) / (math.sqrt(r) if config.get("use_rslora") else r)
-
-
-def _delta(m: _Module, scale: float, fan_in_fan_out: bool) -> np.ndarray:
-    product = (m.b.astype(np.float32) @ m.a.astype(np.float32)) * np.float32(scale)
+def _delta(m: _Module, scale: float, fan_in_fan_out: bool, module: str, folder: Path) -> np.ndarray:
+    with np.errstate(over="ignore", invalid="ignore"):  # refused just below
+        product = (m.b @ m.a) * np.float32(scale)
+    if not np.isfinite(product).all():
+        raise FormatError(f"{folder}: module {module!r}: ΔW = scaling·B@A contains NaN or infinity")
     return product.T if (m.embedding or fan_in_fan_out) else product
 
 
-def read_lora(folder: Path) -> tuple[dict[str, Any], dict[str, _Module], dict[str, np.ndarray]]:
+def _float_tensor(array: np.ndarray, key: str, folder: Path) -> np.ndarray:
+    if array.dtype.kind != "f":
+        raise FormatError(f"{folder}: tensor {key!r} holds {array.dtype} values, expected floating point")
+    with np.errstate(over="ignore"):  # F64 beyond float32's range becomes infinity, refused later
+        return array.astype(np.float32, copy=False)
+
+
+def read_lora(folder: Path) -> tuple[LoraConfig, dict[str, _Module], dict[str, np.ndarray]]:
     """(config, module -> A/B, dense parameters from modules_to_save) of an adapter folder."""
-    config = read_adapter_config(folder)
-    if str(config.get("peft_type", "")).upper() != PEFT_TYPE:
-        raise FormatError(f"{folder}: peft_type is {config.get('peft_type')!r}, expected 'LORA'")
-    _check_supported(config, folder)
-    saved = [s for s in (config.get("modules_to_save") or [])]
+    config = LoraConfig.parse(read_adapter_config(folder), folder)
+    saved = config.modules_to_save
     modules: dict[str, _Module] = {}
     dense: dict[str, np.ndarray] = {}
     for key, array in read_adapter_weights(folder).items():
@@ -90,12 +167,12 @@ def read_lora(folder: Path) -> tuple[dict[str, Any], dict[str, _Module], dict[st
                 m = modules.setdefault(module, _Module(embedding=embedding))
                 if m.embedding != embedding:
                     raise FormatError(f"{folder}: module {module!r} mixes linear and embedding LoRA tensors")
-                setattr(m, side, np.asarray(array, dtype=np.float32))
+                setattr(m, side, _float_tensor(array, key, folder))
                 break
         else:
             owner = name.rsplit(".", 1)[0]
             if any(owner == s or owner.endswith("." + s) for s in saved):
-                dense[name] = np.asarray(array, dtype=np.float32)
+                dense[name] = _float_tensor(array, key, folder)
             else:
                 raise FormatError(f"{folder}: tensor {key!r} is neither a LoRA factor nor part of modules_to_save; "
                                   "it cannot be imported")
@@ -114,27 +191,30 @@ def load_lora(folder: Path, base: Checkpoint | None, source: str, *, k: int | No
               density: float | None = None) -> SparseDiff:
     """The top-k of every module's ΔW (all nonzeros without a budget), plus modules_to_save."""
     config, modules, dense = read_lora(folder)
-    fan_in_fan_out = bool(config.get("fan_in_fan_out"))
-    scales = {m: _scaling(config, m, mod.a.shape[0], folder) for m, mod in modules.items()}
+    scales = {m: config.scaling(m, mod.a.shape[0], folder) for m, mod in modules.items()}
     names = {m + ".weight": m for m in modules}
+    for name in dense:
+        if name in names:
+            raise FormatError(f"{folder}: {name!r} is both LoRA-adapted and in modules_to_save")
 
     def shape_of(name: str) -> tuple[int, ...]:
         m = modules[names[name]]
         rows, cols = m.b.shape[0], m.a.shape[1]
-        return (cols, rows) if (m.embedding or fan_in_fan_out) else (rows, cols)
+        return (cols, rows) if (m.embedding or config.fan_in_fan_out) else (rows, cols)
+
+    if base is not None:  # before any ΔW is multiplied out: its size comes from the file
+        base_names({**{n: shape_of(n) for n in names}, **{n: v.shape for n, v in dense.items()}}, base,
+                   source=source)
 
     def delta_of(name: str) -> np.ndarray:
-        return _delta(modules[names[name]], scales[names[name]], fan_in_fan_out)
+        return _delta(modules[names[name]], scales[names[name]], config.fan_in_fan_out, names[name], folder)
 
     entries: dict[str, Entry] = dict(topk_from_dense(list(names), shape_of, delta_of, k, density))
     for name, values in dense.items():
-        if name in entries:
-            raise FormatError(f"{folder}: {name!r} is both LoRA-adapted and in modules_to_save")
         if not np.isfinite(values).all():
             raise FormatError(f"{folder}: {name!r} contains NaN or infinity")
         entries[name] = DenseEntry(values, "F32")
-    return make_diff(entries, "lora", source, base, hint=config.get("base_model_name_or_path"),
-                     k=k, density=density, lora_r=config.get("r"))
+    return make_diff(entries, "lora", source, base, hint=config.hint, k=k, density=density, lora_r=config.r)
 
 
 # ---------------------------------------------------------------- export

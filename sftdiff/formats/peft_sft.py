@@ -17,8 +17,8 @@ from ..checkpoint import Checkpoint
 from ..diff import DenseEntry, SparseDiff, SparseEntry
 from ..errors import FormatError
 from ..names import map_to_base
-from .common import (PEFT_PREFIX, adapter_base, canonical_sparse, make_diff, read_adapter_config,
-                     read_adapter_weights, strip_peft_prefix, write_adapter)
+from .common import (PEFT_PREFIX, adapter_base, adapter_hint, canonical_sparse, make_diff,
+                     read_adapter_config, read_adapter_weights, strip_peft_prefix, write_adapter)
 
 PEFT_TYPE = "SFT"
 _VALUES, _INDICES = ".sft_delta.values", ".sft_delta.indices"
@@ -58,7 +58,7 @@ def load_peft_sft(folder: Path, base: Checkpoint | None, source: str) -> SparseD
         entry = canonical_sparse(base.tensors[target].shape, indices, values, what=f"{folder}: {module}")
         if entry is not None:
             entries[target] = entry
-    return make_diff(entries, "peft-sft", source, base, hint=config.get("base_model_name_or_path"))
+    return make_diff(entries, "peft-sft", source, base, hint=adapter_hint(config, folder))
 
 
 def export_peft_sft(diff: SparseDiff, out: Path, *, overwrite: bool) -> Path:

@@ -177,6 +177,13 @@ class SafeTorchUnpickler(pickle.Unpickler):
         return storage
 
 
+# What zipfile raises on a damaged archive, besides BadZipFile: negative or huge offsets (OSError,
+# ValueError), truncation (EOFError), undecodable member names (UnicodeDecodeError, a ValueError),
+# unsupported zip versions or encryption (NotImplementedError).
+_ZIP_ERRORS = (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError)
+MAX_BYTEORDER_BYTES = 16
+
+
 def load_torch_zip(path: str | os.PathLike) -> Any:
     """The object a `torch.save` zip archive holds, with tensors as `TorchArray`s. No torch needed."""
     path = os.fspath(path)
@@ -189,41 +196,83 @@ def load_torch_zip(path: str | os.PathLike) -> Any:
                 "torch.save in PyTorch >= 1.6"
             ) from None
         raise FormatError(f"{path}: not a torch.save archive (not a zip file)") from None
-    except OSError as e:
-        raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
+    except OSError as e:  # missing or unreadable, or a seek out of range
+        raise FormatError(f"{path}: cannot read as a zip archive ({e.strerror or _describe(e)})") from None
+    except _ZIP_ERRORS as e:
+        raise FormatError(f"{path}: damaged zip archive ({_describe(e)})") from None
     with archive:
-        members = {info.filename: info for info in archive.infolist()}
-        pkl = [n for n in members if n.endswith("/data.pkl") and n.count("/") == 1]
-        if len(pkl) != 1:
-            raise FormatError(f"{path}: not a torch.save archive (expected one <name>/data.pkl)")
-        prefix = pkl[0][: -len("data.pkl")]
-        byteorder = members.get(prefix + "byteorder")
-        if byteorder is not None and archive.read(byteorder).strip() not in (b"little", b""):
-            raise FormatError(f"{path}: big-endian torch archives are not supported")
-
-        def read_storage(key: str, stype: StorageType, numel: int) -> np.ndarray:
-            info = members.get(f"{prefix}data/{key}")
-            if info is None or "/" in key or key in ("", ".", ".."):
-                raise FormatError(f"{path}: storage {key!r} is missing from the archive")
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise FormatError(f"{path}: storage {key!r} is compressed (torch never does that)")
-            nbytes = numel * stype.dtype.itemsize
-            if info.file_size != nbytes:
-                raise FormatError(
-                    f"{path}: storage {key!r} holds {info.file_size} bytes, the pickle says {nbytes}"
-                )
-            return np.frombuffer(archive.read(info), dtype=stype.dtype)
-
-        info = members[pkl[0]]
-        if info.file_size > MAX_PICKLE_BYTES or info.compress_type != zipfile.ZIP_STORED:
-            raise FormatError(f"{path}: {pkl[0]} is larger than {MAX_PICKLE_BYTES} bytes or compressed")
         try:
-            return SafeTorchUnpickler(archive.read(info), read_storage).load()
-        except FormatError as e:
+            _check_directory_offset(path, archive)
+            return _load_archive(archive)
+        except FormatError as e:  # raised without the path, which is only known here
             raise FormatError(f"{path}: {e}") from None
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
-                KeyError, OverflowError, RecursionError, MemoryError, zipfile.BadZipFile) as e:
-            raise FormatError(f"{path}: malformed pickle ({e.__class__.__name__}: {str(e)[:120]})") from None
+
+
+def _describe(e: BaseException) -> str:
+    return f"{e.__class__.__name__}: {' '.join(str(e).split())[:120]}"
+
+
+def _check_directory_offset(path: str, archive: zipfile.ZipFile) -> None:
+    """The classic end record must point where the central directory is. zipfile prefers the zip64
+    record (which torch always writes too) and ignores a contradicting classic one; it also accepts
+    data prepended to the archive, which torch never writes."""
+    eocd_size = 22  # the classic end-of-central-directory record, followed by the archive comment
+    try:
+        with open(path, "rb") as f:
+            f.seek(-(eocd_size + len(archive.comment)), os.SEEK_END)
+            record = f.read(eocd_size)
+    except OSError as e:
+        raise FormatError(f"cannot read ({e.strerror or _describe(e)})") from None
+    offset = int.from_bytes(record[16:20], "little") if record[:4] == b"PK\x05\x06" else None
+    if offset is None or offset not in (archive.start_dir, 0xFFFFFFFF):
+        raise FormatError("damaged zip archive (inconsistent central directory offset)")
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    """A member's bytes: the one place the archive's contents are read. torch stores every member
+    uncompressed and unencrypted, so anything else is refused before zipfile acts on it."""
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+        raise FormatError(f"member {info.filename!r} is compressed or encrypted (torch never does that)")
+    try:
+        data = archive.read(info)
+    except _ZIP_ERRORS as e:
+        raise FormatError(f"member {info.filename!r} is damaged ({_describe(e)})") from None
+    if len(data) != info.file_size:
+        raise FormatError(f"member {info.filename!r} is truncated")
+    return data
+
+
+def _load_archive(archive: zipfile.ZipFile) -> Any:
+    members = {info.filename: info for info in archive.infolist()}
+    pkl = [n for n in members if n.endswith("/data.pkl") and n.count("/") == 1]
+    if len(pkl) != 1:
+        raise FormatError("not a torch.save archive (expected one <name>/data.pkl)")
+    prefix = pkl[0][: -len("data.pkl")]
+    byteorder = members.get(prefix + "byteorder")
+    if byteorder is not None:
+        if byteorder.file_size > MAX_BYTEORDER_BYTES:
+            raise FormatError("malformed byteorder member")
+        if _read_member(archive, byteorder).strip() not in (b"little", b""):
+            raise FormatError("big-endian torch archives are not supported")
+
+    def read_storage(key: str, stype: StorageType, numel: int) -> np.ndarray:
+        info = members.get(f"{prefix}data/{key}")
+        if info is None or "/" in key or key in ("", ".", ".."):
+            raise FormatError(f"storage {key!r} is missing from the archive")
+        nbytes = numel * stype.dtype.itemsize
+        if info.file_size != nbytes:
+            raise FormatError(f"storage {key!r} holds {info.file_size} bytes, the pickle says {nbytes}")
+        return np.frombuffer(_read_member(archive, info), dtype=stype.dtype)
+
+    info = members[pkl[0]]
+    if info.file_size > MAX_PICKLE_BYTES:
+        raise FormatError(f"{pkl[0]} is larger than {MAX_PICKLE_BYTES} bytes")
+    data = _read_member(archive, info)
+    try:
+        return SafeTorchUnpickler(data, read_storage).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+            KeyError, OverflowError, RecursionError, MemoryError) as e:
+        raise FormatError(f"malformed pickle ({_describe(e)})") from None
 
 
 def _is_legacy_torch(path: str) -> bool:
