@@ -28,7 +28,7 @@ import numpy as np
 
 from . import __version__
 from .diff import DenseEntry, DiffMeta, Entry, SparseDiff, SparseEntry
-from .dtypes import VALUE_DTYPES, canonical, from_float32, to_float32
+from .dtypes import from_float32, to_float32, value_dtype
 from .errors import UsageError, VerificationError
 from .fingerprint import digest_conflicts
 from .select import TopK, per_tensor_count, select_topk
@@ -239,13 +239,7 @@ def merged_config_patch(diffs: Sequence[SparseDiff], labels: Sequence[str], poli
 def output_dtype(diffs: Sequence[SparseDiff], requested: str | None) -> str:
     """`requested` if given, else the sparse value dtype all operands share, else F32."""
     if requested is not None:
-        try:
-            dtype = canonical(requested)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        if dtype not in VALUE_DTYPES:
-            raise UsageError(f"--dtype {requested}: values can be stored as float32, bfloat16 or float16")
-        return dtype
+        return value_dtype(requested)
     found = {info.dtype for diff in diffs for info in diff.infos() if info.kind == "sparse"}
     return found.pop() if len(found) == 1 else "F32"
 

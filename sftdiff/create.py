@@ -33,7 +33,7 @@ from . import __version__
 from . import format as fmt
 from .checkpoint import Checkpoint
 from .diff import DenseEntry, DiffMeta, SparseDiff, SparseEntry
-from .dtypes import FLOAT_DTYPES, STORAGE, VALUE_DTYPES, canonical, from_float32, to_float32, to_float64
+from .dtypes import FLOAT_DTYPES, STORAGE, from_float32, to_float32, to_float64, value_dtype
 from .errors import FormatError, SftError, UsageError, VerificationError
 from .fingerprint import base_record
 from .names import infer_prefix, map_to_base
@@ -87,7 +87,7 @@ def create_diff(base: Any, finetuned: Any, *, k: int | None = None, density: flo
     (dense entries made because the fine-tune added or resized a parameter, base parameters the
     fine-tune lacks) are issued as `CreateWarning`.
     """
-    value_dtype = _value_dtype(dtype)
+    stored_dtype = value_dtype(dtype)
     _check_budget(k, density, scope)
     base_ckpt, base_hint = _checkpoint(base)
     ft_ckpt, ft_hint = _checkpoint(finetuned)
@@ -116,7 +116,7 @@ def create_diff(base: Any, finetuned: Any, *, k: int | None = None, density: flo
     entries: dict[str, SparseEntry | DenseEntry] = {}
     chosen = [p for p in plan.sparse if p.name in positions]
     with ThreadPoolExecutor(WORKERS) as pool:  # map keeps the order: entries come out as one thread makes them
-        gathered = pool.map(lambda pair: gather_entry(base_ckpt, ft_ckpt, pair, positions[pair.name], value_dtype),
+        gathered = pool.map(lambda pair: gather_entry(base_ckpt, ft_ckpt, pair, positions[pair.name], stored_dtype),
                             chosen)
         for pair, entry in zip(_bar(chosen, "gather", progress), gathered):
             if entry is not None:
@@ -131,7 +131,7 @@ def create_diff(base: Any, finetuned: Any, *, k: int | None = None, density: flo
             "tool": f"sftdiff {__version__}", "method": "topk", "scope": scope,
             "k": int(sum(counts)), "nnz": sum(e.nnz for e in entries.values() if isinstance(e, SparseEntry)),
             "density": fraction, "selectable_numel": selectable, "selected": selected,
-            "source": ft_hint, "dtype": value_dtype,
+            "source": ft_hint, "dtype": stored_dtype,
             "include": list(include), "exclude": list(exclude), "dense": list(dense),
             "name_prefix": {"added": plan.prefix[0], "removed": plan.prefix[1]},
         },
@@ -145,16 +145,6 @@ create = create_diff
 
 
 # ---------------------------------------------------------------- options and inputs
-
-
-def _value_dtype(dtype: str) -> str:
-    try:
-        name = canonical(dtype)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if name not in VALUE_DTYPES:
-        raise UsageError(f"values cannot be stored as {dtype}; use float32, bfloat16 or float16")
-    return name
 
 
 def _check_budget(k: int | None, density: float | None, scope: str) -> None:
@@ -615,7 +605,7 @@ def _reconstructs(b32: np.ndarray, v: np.ndarray, target: np.ndarray, dtype: str
 
 
 def gather_entry(base: Checkpoint, ft: Checkpoint, pair: Pair, indices: np.ndarray,
-                 value_dtype: str) -> SparseEntry | None:
+                 stored_dtype: str) -> SparseEntry | None:
     """The sparse entry of `pair` at the selected `indices` (pass 2: reads only those positions)."""
     t = base.tensors[pair.name]
     b = base.array(pair.name).reshape(-1)[indices]
@@ -623,9 +613,9 @@ def gather_entry(base: Checkpoint, ft: Checkpoint, pair: Pair, indices: np.ndarr
     base.release(pair.name)
     ft.release(pair.source)
     values = exact_deltas(b, t.dtype, f, ft.tensors[pair.source].dtype)
-    if value_dtype == "F16" and values.size and float(np.abs(values).max()) > F16_MAX:
+    if stored_dtype == "F16" and values.size and float(np.abs(values).max()) > F16_MAX:
         raise UsageError(f"a delta of {pair.name} exceeds the float16 range; store values as float32 or bfloat16")
-    return SparseEntry.from_float(t.shape, indices, values, value_dtype, t.dtype)
+    return SparseEntry.from_float(t.shape, indices, values, stored_dtype, t.dtype)
 
 
 def dense_entry(base: Checkpoint, ft: Checkpoint, pair: Pair) -> DenseEntry:

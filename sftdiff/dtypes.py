@@ -48,6 +48,19 @@ def canonical(name: str) -> str:
         raise ValueError(f"unknown dtype {name!r}; use one of float32, bfloat16, float16") from None
 
 
+def value_dtype(spelling: str) -> str:
+    """A user's choice of sparse value dtype (`--dtype`): F32, BF16 or F16, else a usage error."""
+    from .errors import UsageError
+
+    try:
+        name = canonical(spelling)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if name not in VALUE_DTYPES:
+        raise UsageError(f"values cannot be stored as {spelling}; use float32, bfloat16 or float16")
+    return name
+
+
 def itemsize(dtype: str) -> int:
     return STORAGE[dtype].itemsize
 

@@ -15,6 +15,7 @@ object with the entries' shapes and everything else).
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -37,10 +38,7 @@ def index_dtype_for(numel: int) -> str:
 
 
 def numel_of(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    return math.prod(shape)
 
 
 def split_key(key: str) -> tuple[str, str]:

@@ -20,13 +20,7 @@ from sftdiff.errors import FormatError
 from sftdiff.formats import convert, load_foreign
 from sftdiff.formats.composable import read_composable
 
-
-def fixtures_root() -> Path:
-    env = os.environ.get("SFTDIFF_FIXTURES")
-    root = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
-    folder = root / "composable-sft"
-    assert folder.is_dir(), f"composable-sft fixtures missing at {folder} (set SFTDIFF_FIXTURES)"
-    return folder
+from shared_fixtures import composable_fixtures as fixtures_root
 
 
 FIXTURES = sorted(p.name for p in fixtures_root().iterdir() if (p / "pytorch_diff.bin").is_file())

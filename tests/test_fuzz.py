@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 from sftdiff.checkpoint import Checkpoint
 from sftdiff.diff import SparseDiff
-from sftdiff.errors import FormatError, SftError
+from sftdiff.errors import FormatError
 
 from reliability_fixtures import child_env
 from sft_craft import raw_file, sft_meta, sparse_file

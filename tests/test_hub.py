@@ -17,16 +17,10 @@ from sftdiff.errors import FormatError
 from sftdiff.formats import convert, load_foreign
 from sftdiff.formats.composable import read_composable
 
+from shared_fixtures import composable_fixtures as fixtures_root
+
 LANG_REPO = "cambridgeltl/mbert-lang-sft-bxr-small"
 BASE_REPO = "tiny-org/bert-base-tiny"
-
-
-def fixtures_root() -> Path:
-    env = os.environ.get("SFTDIFF_FIXTURES")
-    root = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
-    folder = root / "composable-sft"
-    assert folder.is_dir(), f"composable-sft fixtures missing at {folder} (set SFTDIFF_FIXTURES)"
-    return folder
 
 
 def add_to_cache(cache: Path, repo_id: str, files: dict[str, bytes], revision: str = "main") -> str:
