@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from sftdiff.bake import apply_to_model, revert_from_model  # noqa: E402
+from sftdiff.inplace import apply_to_model, revert_from_model  # noqa: E402
 from sftdiff.checkpoint import Checkpoint  # noqa: E402
 
 SEED = 1234

@@ -17,7 +17,7 @@ _API = {
     "SftError": "errors", "FormatError": "errors", "VerificationError": "errors", "OutputError": "errors",
     "select_topk": "select",
     "create_diff": "create", "create": "create",
-    "bake": "bake", "apply_to_model": "bake", "revert_from_model": "bake",
+    "bake": "bake", "apply_to_model": "inplace", "revert_from_model": "inplace", "AppliedDiff": "inplace",
     "prune": "algebra", "add": "algebra", "subtract": "algebra", "scale": "algebra",
     "overlap": "overlap",
     "convert": "formats",

@@ -206,7 +206,8 @@ def command_landed(name: str) -> bool:
 
 # Runs the CLI with a hook in sftdiff.atomic that fires when the temporary output is complete:
 #   kill-before-commit: SIGKILL itself just before the rename into place (temp output fully written)
-#   kill-when-temp-appears: SIGKILL itself as soon as the temporary output exists (a watcher thread)
+#   kill-when-temp-appears: SIGKILL itself as soon as the temporary output exists (a watcher thread;
+#                           the rename into place is held back until then)
 #   kill-at-fsync:      SIGKILL itself when the temporary output is about to be flushed
 #   sleep-before-commit:<s>  wait s seconds before the rename (to make two writers overlap)
 # The hook patches module globals that atomic_path looks up at call time, so it reaches every
@@ -241,7 +242,10 @@ elif hook == "kill-when-temp-appears":
             os.kill(os.getpid(), signal.SIGKILL)
         threading.Thread(target=watch, daemon=True).start()
         return tmp
+    def commit(tmp, final, overwrite, directory):
+        time.sleep(60)  # a small output can be complete before the watcher runs: never let it commit
     atomic._tmp_name = tmp_name
+    atomic._commit = commit
 elif hook == "kill-at-fsync":
     def fsync(p, directory):
         _mark(p)

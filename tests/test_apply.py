@@ -18,8 +18,8 @@ from helpers_models import (build, head_arrays, random_diff, rounded, save, stat
 import torch
 import transformers
 
-from sftdiff.bake import (AppliedDiff, apply_to_model, bake, parse_size, plan_shards, revert_from_model,
-                          OutputTensor)
+from sftdiff.bake import OutputTensor, bake, parse_size, plan_shards
+from sftdiff.inplace import AppliedDiff, apply_to_model, revert_from_model
 from sftdiff.checkpoint import Checkpoint
 from sftdiff.cli import main
 from sftdiff.diff import SparseDiff

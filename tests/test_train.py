@@ -143,7 +143,7 @@ def test_optimizer_state_is_the_size_of_k():
 
 
 def test_detached_diff_applied_to_the_base_reproduces_the_trained_model():
-    from sftdiff.bake import apply_to_model
+    from sftdiff.inplace import apply_to_model
 
     model = tiny_bert_mlm()
     mask = random_mask(model, per_tensor=40)

