@@ -111,3 +111,14 @@ def tree_hashes(*roots: str | os.PathLike) -> dict[str, str]:
         for p in files:
             out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
+
+
+def run_main(args: list[str]) -> int:
+    """Run the CLI in-process and return its exit code (the CLI ends with sys.exit on errors)."""
+    from sftdiff.cli import main
+
+    try:
+        main(args)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0

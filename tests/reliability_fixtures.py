@@ -111,28 +111,12 @@ def _save_tokenizer(folder: Path) -> None:
 def random_sft(base: Path, out: Path, seed: int, density: float = 0.02) -> None:
     """A valid .sft of random sparse deltas over every float tensor of `base`, with base digests."""
     from sftdiff.checkpoint import Checkpoint
-    from sftdiff.diff import DiffMeta, SparseDiff, SparseEntry
-    from sftdiff.dtypes import FLOAT_DTYPES
-    from sftdiff.fingerprint import checkpoint_digests, model_fingerprint
 
-    ckpt = Checkpoint.open(base)
-    rng = np.random.default_rng(seed)
-    names = sorted(n for n, t in ckpt.tensors.items() if t.dtype in FLOAT_DTYPES and n not in ckpt.aliases)
-    entries = {}
-    for name in names:
-        t = ckpt.tensors[name]
-        k = max(1, int(t.numel * density))
-        idx = np.sort(rng.choice(t.numel, size=k, replace=False))
-        values = rng.normal(0, 0.05, size=k).astype(np.float32)
-        values[values == 0] = 0.01
-        entry = SparseEntry.from_float(t.shape, idx, values, "F32", t.dtype)
-        if entry is not None:
-            entries[name] = entry
-    digests = checkpoint_digests(ckpt)
-    meta = DiffMeta(base={"hint": str(base), "fingerprint": model_fingerprint(digests),
-                          "tensors": {n: digests[n] for n in entries}},
-                    origin={"tool": "reliability-fixtures", "method": "random", "seed": seed})
-    SparseDiff(entries, meta).save(out)
+    from helpers_models import random_diff
+
+    diff = random_diff(Checkpoint.open(base), seed, density)
+    diff.meta.origin = {"tool": "reliability-fixtures", "method": "random", "seed": seed}
+    diff.save(out)
 
 
 def write_composable(sft: Path, out: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sftdiff.cli import main
+from helpers_models import run_main as run
 from sftdiff.diff import DenseEntry, DiffMeta, SparseDiff, SparseEntry
 from sftdiff.errors import VerificationError
 from sftdiff.overlap import entry_overlap, overlap
@@ -103,12 +103,6 @@ def test_refuses_other_bases_and_shapes():
         overlap(a, diff_of({"w": sparse((2, 2), [0], [1])}))
 
 
-def run(args):
-    try:
-        main(args)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 def test_cli_table_json_and_errors(tmp_path, capsys):

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from sftdiff.cli import main
+from helpers_models import run_main as run
 from sftdiff.diff import DenseEntry, DiffMeta, SparseDiff, SparseEntry
 from sftdiff.errors import SftError
 from sftdiff.overlap import overlap
@@ -91,12 +91,6 @@ def test_missing_matplotlib_says_how_to_install(tmp_path, monkeypatch):
     assert not (tmp_path / "d.png").exists()
 
 
-def run(args):
-    try:
-        main(args)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 def test_cli_plot_options(tmp_path, capsys):
