@@ -82,21 +82,23 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.4g}%"
 
 
-def _size(n: int | None) -> str:
+def human_size(n: int | None) -> str:
+    """Bytes as `812 B`, `22.6 KiB`, `1.9 GiB` (binary units)."""
     if n is None:
         return "-"
+    size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return str(n)
+        if size < 1024 or unit == "TiB":
+            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
 
 
 def render(summary: dict[str, Any], limit: int | None = None) -> str:
     """The human-readable report: header, totals, then one row per tensor."""
     t = summary["totals"]
     base = summary["base"]
-    lines = [f"file:        {summary['file'] or '(in memory)'}  ({_size(summary['file_size'])})",
+    lines = [f"file:        {summary['file'] or '(in memory)'}  ({human_size(summary['file_size'])})",
              f"format:      sft {summary['format_version']}",
              f"base:        {base.get('hint') or '-'}  fingerprint {base.get('fingerprint') or '-'}"]
     origin = summary["origin"]

@@ -30,6 +30,7 @@ def apply_cmd(base: str, diffs: tuple[str, ...], out: str, scales: tuple[float, 
     dtypes, BASE's tokenizer and other files, and config.json with the diffs' config patches.
     """
     from ..bake import bake
+    from ..summary import human_size
     from ..checkpoint import Checkpoint
 
     unknown = sorted(set(skip_dense) - set(diffs))
@@ -48,8 +49,4 @@ def apply_cmd(base: str, diffs: tuple[str, ...], out: str, scales: tuple[float, 
     )
     added = f", {len(result.added)} added" if result.added else ""
     say(f"wrote {result.path}: {result.tensors} tensors ({result.changed} changed{added}), "
-        f"{result.shards} shard{'s' if result.shards > 1 else ''}, {_size(result.nbytes)}", quiet)
-
-
-def _size(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.2f} MB"
+        f"{result.shards} shard{'s' if result.shards > 1 else ''}, {human_size(result.nbytes)}", quiet)

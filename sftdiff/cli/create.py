@@ -10,6 +10,7 @@ from typing import Any, Iterator
 
 import click
 
+from ..summary import human_size
 from .common import budget, budget_options, force_option, quiet_option, say, user_field_options, user_fields
 
 
@@ -77,12 +78,4 @@ def summary_line(out: str, origin: dict[str, Any], dense: list[str]) -> str:
     heads = f"{len(dense)} dense entr{'y' if len(dense) == 1 else 'ies'}"
     if dense:
         heads += " (" + ", ".join(dense[:3]) + (", …" if len(dense) > 3 else "") + ")"
-    return f"wrote {out}: {kept}, {heads}, {_size(os.path.getsize(out))}"
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
+    return f"wrote {out}: {kept}, {heads}, {human_size(os.path.getsize(out))}"
