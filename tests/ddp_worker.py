@@ -10,6 +10,7 @@ k-sized gradients. Either way rank 0 writes the trained diff to OUT.
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 
 import torch
@@ -43,8 +44,8 @@ def main() -> None:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if world > 1:
-        dist.init_process_group("gloo")
+    if world > 1:  # a bounded timeout: a lost peer fails the run instead of hanging it
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=90))
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(args.model_dir)

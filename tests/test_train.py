@@ -4,6 +4,7 @@ BERT and Llama models built from configs with fixed seeds and offline word-level
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -276,10 +277,17 @@ def test_two_process_ddp_gives_the_same_diff_as_one_process(llama_dir, tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(worker), str(llama_dir), str(tmp_path / "one.sft")], check=True, env=env,
                    timeout=300)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                          str(worker), str(llama_dir), str(tmp_path / "two.sft")], env=env, timeout=300,
-                         capture_output=True, text=True)
-    assert two.returncode == 0, two.stderr[-3000:]
+    # In its own session, so that on a timeout the launcher and both workers are killed together.
+    two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                            str(worker), str(llama_dir), str(tmp_path / "two.sft")], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = two.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(two.pid, signal.SIGKILL)
+        _, stderr = two.communicate()
+        pytest.fail(f"torchrun did not finish in 300 s: {stderr[-3000:]}")
+    assert two.returncode == 0, stderr[-3000:]
     one, two = SparseDiff.load(tmp_path / "one.sft"), SparseDiff.load(tmp_path / "two.sft")
     assert set(one.entries) == set(two.entries) and one.nnz > 0
     for name in one.entries:
