@@ -13,6 +13,10 @@ previous one's dirty pages. Peak RSS and CPU seconds (user + system) are the fin
 run reads from memory); `--cold` drops the page cache before every run instead (needs root).
 
     python tools/bench_apply.py --reps 3
+
+mergekit is a benchmark-only dependency, kept out of sftdiff's own environment (it pins its own
+versions of several packages); set it up once with
+    python3 -m venv /work/venv-bench && /work/venv-bench/bin/pip install torch==2.13.0 mergekit
 """
 
 from __future__ import annotations
