@@ -349,3 +349,18 @@ def test_cli_reports_bad_input_in_one_line(llama_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 3 and "fewer than one block" in err and "Traceback" not in err
     assert not (tmp_path / "x.sft").exists()
+
+
+def test_concentration_warning_names_a_tensor_that_took_most_of_k():
+    from sftdiff.cli.train import concentration_warning
+    from sftdiff.diff import SparseDiff, SparseEntry
+
+    def entry(n):
+        return SparseEntry.from_float((1000,), np.arange(n), np.ones(n, np.float32))
+
+    lopsided = SparseDiff({"embeddings.word_embeddings.weight": entry(950), "encoder.w": entry(50)})
+    warning = concentration_warning(lopsided)
+    assert warning and "embeddings.word_embeddings.weight holds 95%" in warning and "--exclude" in warning
+    assert concentration_warning(SparseDiff({"a": entry(500), "b": entry(500)})) is None
+    assert concentration_warning(SparseDiff({})) is None
+

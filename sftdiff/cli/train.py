@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
 from .common import budget, budget_options, force_option, open_diff, quiet_option, say, user_field_options, user_fields
+
+if TYPE_CHECKING:
+    from ..diff import SparseDiff
 
 
 def _lm_options(f: Callable) -> Callable:
@@ -120,6 +123,8 @@ def retrain_cmd(base: str, diff: str, text: str, objective: str, out: str, lr: f
               help="Steps of full fine-tuning (phase 1).")
 @click.option("--sparse-steps", type=click.IntRange(min=0), default=1000, show_default=True,
               help="Steps of sparse retraining (phase 2).")
+@click.option("--sparse-lr", type=float, default=None,
+              help="Learning rate of phase 2 (default: --lr); training only k values often wants a larger one.")
 @click.option("--full-l1-reg", type=float, default=0.0, show_default=True, help="L1 pull towards the base, phase 1.")
 @click.option("--sparse-l1-reg", type=float, default=0.0, show_default=True, help="L1 pull towards the base, phase 2.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Never train these parameters (repeatable).")
@@ -129,7 +134,8 @@ def retrain_cmd(base: str, diff: str, text: str, objective: str, out: str, lr: f
 @quiet_option
 def train_cmd(base: str, text: str, objective: str, out: str, lr: float, batch_size: int, seq_len: int, seed: int,
               eval_text: str | None, device: str, k: int | None, density: float | None, full_steps: int,
-              sparse_steps: int, full_l1_reg: float, sparse_l1_reg: float, exclude: tuple[str, ...],
+              sparse_steps: int, sparse_lr: float | None, full_l1_reg: float, sparse_l1_reg: float,
+              exclude: tuple[str, ...],
               dense: tuple[str, ...], description: str | None, kind: str | None, language: str | None,
               task: str | None, force: bool, quiet: bool) -> None:
     """Run LT-SFT on BASE (an HF model folder): full fine-tuning, top-k, reset, sparse retraining."""
@@ -139,9 +145,28 @@ def train_cmd(base: str, text: str, objective: str, out: str, lr: float, batch_s
     run = _Run(base, text, objective, out, force, batch_size, seq_len, seed, device, eval_text, quiet)
     before = run.held_out()
     diff = lottery_ticket_sft(run.model, run.batches, k=k, density=density, full_steps=full_steps,
-                              sparse_steps=sparse_steps, lr=lr, dense_globs=dense, exclude_globs=exclude,
+                              sparse_steps=sparse_steps, lr=lr, sparse_lr=sparse_lr, dense_globs=dense,
+                              exclude_globs=exclude,
                               full_l1_reg=full_l1_reg, sparse_l1_reg=sparse_l1_reg, base=run.ckpt,
                               keep_trained=True, progress=not quiet)
     diff.meta.origin.update(run.settings, held_out_loss=run.held_out())
     diff.meta.user = user_fields(description=description, kind=kind, language=language, task=task)
+    warning = concentration_warning(diff)
+    if warning:
+        say(f"sftdiff: warning: {warning}", quiet)
     run.finish(diff, out, force, before)
+
+
+def concentration_warning(diff: "SparseDiff", share: float = 0.9) -> str | None:
+    """A warning when one tensor took most of k. A tensor tied to the output layer (the word
+    embeddings under a masked-LM head) gets a dense gradient, so Adam moves all of it by about the
+    learning rate each step and its |delta| fills the top-k, leaving the layers nothing."""
+    counts = {i.name: i.nnz for i in diff.infos() if i.kind == "sparse"}
+    total = sum(counts.values())
+    if not total:
+        return None
+    name, top = max(counts.items(), key=lambda item: item[1])
+    if top < share * total:
+        return None
+    return (f"{name} holds {top / total:.0%} of the {total:,} selected values; if it is tied to the output "
+            f"layer, exclude it (--exclude '{name}') so that k goes to the transformer layers")
