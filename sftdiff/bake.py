@@ -8,10 +8,11 @@ apply to dense entries); a dense entry for a parameter the base lacks adds it un
 `bake` streams: the output's tensor list is known before any value is computed, so each shard's
 header is written first and tensors follow one at a time. Unchanged tensors are copied by the
 kernel (`copy_file_range`) straight from the base's safetensors files; changed ones are read in
-slices of `CHUNK_ELEMENTS` into one reused, cache-sized buffer, and only the touched values are
+slices of `CHUNK_ELEMENTS` into a few reused, cache-sized buffers, and only the touched values are
 converted, summed and rounded in place, so time stays near a file copy and memory near one slice
-plus the diffs, whatever the model. Written data goes to the disk in the background (`_Flusher`)
-while later tensors are computed, rather than all in the final fsync.
+plus the diffs, whatever the model. Slices are written by a background thread (`_Writer`) while
+the next one is read and patched, and written data goes to the disk in the background
+(`_Flusher`) while later tensors are computed, rather than all in the final fsync.
 
 Copying a changed tensor with `copy_file_range` and patching the output through a writable
 memory map was measured and not kept: with 1%-dense diffs every 4 KiB page is touched, and the
@@ -24,8 +25,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import re
 import shutil
+import threading
 import warnings as _warnings
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -48,6 +51,9 @@ DEFAULT_SHARD_SIZE = 50 * 10**9  # transformers' save_pretrained default, "50GB"
 # from the read through the patch to the write (1M: 2-4 MB; 8M slices made `apply` ~1.5x slower).
 CHUNK_ELEMENTS = 1 << 20
 WRITE_BYTES = 1 << 20
+# Slices the writer thread may hold (one being written, the rest queued): bounds memory, and tells
+# `_RawSources` how many read buffers to rotate through (IN_FLIGHT + 1, the extra one being patched).
+IN_FLIGHT = 2
 FLUSH_BYTES = 256 << 20  # written data handed to the disk at a time, while the next is computed
 OUTPUT_METADATA = {"format": "pt"}  # what transformers writes; its loader checks for it
 
@@ -340,13 +346,14 @@ def _write_shard(path: Path, tensors: Sequence[OutputTensor], ckpt: Checkpoint, 
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         _write_all(fd, header_bytes([(t.name, t.dtype, t.shape) for t in tensors], OUTPUT_METADATA))
-        for t in tensors:
-            written = _write_tensor(fd, t, ckpt, sources, layers)
-            if written != t.nbytes:  # the header promised t.nbytes: anything else is a bug here
-                raise RuntimeError(f"wrote {written} bytes for {t.name!r}, header says {t.nbytes}")
-            flusher.written(path, written)
-            if bar is not None:
-                bar.update(1)
+        with _Writer(fd) as writer:  # finishes (or abandons) its writes before the fd is closed
+            for t in tensors:
+                written = _write_tensor(fd, writer, t, ckpt, sources, layers)
+                if written != t.nbytes:  # the header promised t.nbytes: anything else is a bug here
+                    raise RuntimeError(f"wrote {written} bytes for {t.name!r}, header says {t.nbytes}")
+                flusher.written(path, written)
+                if bar is not None:
+                    bar.update(1)
     finally:
         os.close(fd)
     flusher.written(path, FLUSH_BYTES)  # a finished shard goes to the disk now, whatever its size
@@ -383,6 +390,64 @@ class _Flusher:
                 job.result()  # re-raises the OSError of a failed fsync
 
 
+class _Writer:
+    """Writes slices to one file in a background thread, in order, while the next is computed.
+
+    Apply is CPU-bound, and a write is mostly the kernel copying the slice into the page cache, with
+    the GIL released: in this thread it overlaps with reading and patching the next slice instead of
+    following it. The thread holds at most `IN_FLIGHT` slices, so `write` blocks when it is behind
+    (memory stays bounded), and a slice handed over is written once `IN_FLIGHT` more have been handed
+    over (`_RawSources` reuses its buffers on that). A failed write fails the bake: its OSError is raised
+    in the main thread by the next call here or on leaving the block, and later writes are skipped.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._queue: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=IN_FLIGHT - 1)
+        self._error: BaseException | None = None
+        self._abandoned = False
+        self._thread = threading.Thread(target=self._run, name="sftdiff-write", daemon=True)
+        self._thread.start()
+
+    def write(self, array: np.ndarray) -> int:
+        """Queue `array` (not to be changed afterwards) for writing; returns its size in bytes."""
+        self._raise_error()
+        self._queue.put(array)
+        return array.nbytes  # what `_write_all` writes, or it raises
+
+    def drain(self) -> None:
+        """Wait until everything queued is written (before writing to the file another way)."""
+        self._queue.join()
+        self._raise_error()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        while True:
+            array = self._queue.get()
+            try:
+                if array is None:
+                    return
+                if self._error is None and not self._abandoned:
+                    _write_all(self._fd, array)
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                self._error = e
+            finally:
+                self._queue.task_done()
+
+    def __enter__(self) -> "_Writer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._abandoned = exc[0] is not None  # the bake failed already: the output will be removed
+        self._queue.put(None)
+        self._thread.join()
+        if exc[0] is None:
+            self._raise_error()
+
+
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -391,14 +456,15 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _write_tensor(fd: int, t: OutputTensor, ckpt: Checkpoint, sources: "_RawSources",
+def _write_tensor(fd: int, writer: _Writer, t: OutputTensor, ckpt: Checkpoint, sources: "_RawSources",
                   layers: Sequence[Layer]) -> int:
     if not t.updates:
         base_dtype = ckpt.tensors[t.source].dtype
         if base_dtype == t.dtype and sources.can_copy(t.source):
+            writer.drain()  # the kernel copy appends at the file offset: queued slices go first
             return sources.copy(t.source, fd)
-        return sum(_write_all(fd, convert(chunk, base_dtype, t.dtype)) for chunk in _base_chunks(t.source, ckpt, sources))
-    return sum(_write_all(fd, chunk) for chunk in _updated_chunks(t, ckpt, sources, layers))
+        return sum(writer.write(convert(chunk, base_dtype, t.dtype)) for chunk in _base_chunks(t.source, ckpt, sources))
+    return sum(writer.write(chunk) for chunk in _updated_chunks(t, ckpt, sources, layers))
 
 
 def _updated_chunks(t: OutputTensor, ckpt: Checkpoint, sources: "_RawSources",
@@ -520,7 +586,8 @@ class _RawSources:
     def __init__(self, ckpt: Checkpoint):
         self._where: dict[str, tuple[int, int, int, str]] = {}  # name -> (fd, start, nbytes, dtype)
         self._fds: list[int] = []
-        self._buffer = np.empty(0, dtype=np.uint8)
+        self._buffers = [np.empty(0, dtype=np.uint8) for _ in range(IN_FLIGHT + 1)]
+        self._turn = 0
         for file in ckpt.weight_files:
             if not file.endswith(".safetensors"):
                 continue
@@ -544,14 +611,17 @@ class _RawSources:
         return done
 
     def chunks(self, name: str) -> Iterator[np.ndarray]:
-        """The tensor's raw values, `CHUNK_ELEMENTS` at a time, read into one reused buffer: each
-        slice is valid (and writable) until the next is requested."""
+        """The tensor's raw values, `CHUNK_ELEMENTS` at a time, read into `IN_FLIGHT + 1` reused
+        buffers in turn: each slice is valid (and writable) until `IN_FLIGHT + 1` more are requested,
+        so it may be handed to the `_Writer` (which holds at most `IN_FLIGHT`) before the next is
+        requested."""
         fd, start, nbytes, dtype = self._where[name]
         step = CHUNK_ELEMENTS * STORAGE[dtype].itemsize
-        if len(self._buffer) < min(step, nbytes):  # fresh memory costs a page fault per 4 KiB: reuse it
-            self._buffer = np.empty(step, dtype=np.uint8)
         for off in range(0, nbytes, step):
-            buf = self._buffer[:min(step, nbytes - off)]
+            self._turn = (self._turn + 1) % len(self._buffers)
+            if len(self._buffers[self._turn]) < min(step, nbytes):  # fresh memory costs a page fault
+                self._buffers[self._turn] = np.empty(step, dtype=np.uint8)  # per 4 KiB: reuse it
+            buf = self._buffers[self._turn][:min(step, nbytes - off)]
             view = memoryview(buf)
             got = 0
             while got < len(buf):

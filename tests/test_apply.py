@@ -448,3 +448,64 @@ def test_patched_slices_sum_overlapping_diffs_once(tmp_path, monkeypatch):
             work[entry.indices] += entry.values_f32() * np.float32(scale)
         want = work if wide else rounded(work, dtype)
         np.testing.assert_array_equal(out.array(name).reshape(-1), want, err_msg=name)
+
+
+def _in_writer_thread() -> bool:
+    import threading
+
+    return threading.current_thread().name == "sftdiff-write"
+
+
+def test_lagging_writer_thread_writes_same_bytes(apply_llama, tmp_path, monkeypatch):
+    """Slices are written by a background thread while the next ones are read into rotating
+    buffers: with small slices and a writer slowed down so its queue stays full, no buffer is
+    refilled before its slice is written (the bytes equal a run with default slices)."""
+    import sftdiff.bake as bake_module
+
+    root, base_dir = apply_llama
+    diffs = [root / "a.sft", root / "b.sft"]
+    bake(base_dir, diffs, tmp_path / "default", scales=[2.0, -1.0], shard_size="30KB")
+    write_all = bake_module._write_all
+
+    def slow_write_all(fd, array):
+        if _in_writer_thread():
+            time.sleep(0.0002)
+        return write_all(fd, array)
+
+    monkeypatch.setattr(bake_module, "CHUNK_ELEMENTS", 97)
+    monkeypatch.setattr(bake_module, "_write_all", slow_write_all)
+    bake(base_dir, diffs, tmp_path / "lagging", scales=[2.0, -1.0], shard_size="30KB")
+    shards = sorted(p.name for p in (tmp_path / "default").glob("*.safetensors"))
+    assert len(shards) > 1 and shards == sorted(p.name for p in (tmp_path / "lagging").glob("*.safetensors"))
+    for name in shards:
+        assert (tmp_path / "lagging" / name).read_bytes() == (tmp_path / "default" / name).read_bytes(), name
+
+
+def test_write_error_in_writer_thread_fails_bake_nothing_left(apply_llama, tmp_path, monkeypatch):
+    """A write that fails in the background thread (disk full) fails the bake like a write in the
+    main thread: OutputError naming the cause, no OUT, no temporary, no thread left behind."""
+    import errno
+    import threading
+
+    import sftdiff.bake as bake_module
+    from sftdiff.errors import OutputError
+
+    root, base_dir = apply_llama
+    write_all = bake_module._write_all
+    calls = []
+
+    def failing_write_all(fd, array):
+        if _in_writer_thread():
+            calls.append(1)
+            if len(calls) == 5:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return write_all(fd, array)
+
+    monkeypatch.setattr(bake_module, "CHUNK_ELEMENTS", 97)
+    monkeypatch.setattr(bake_module, "_write_all", failing_write_all)
+    out = tmp_path / "m"
+    with pytest.raises(OutputError, match="no space left"):
+        bake(base_dir, [root / "a.sft", root / "b.sft"], out, shard_size="30KB")
+    assert len(calls) == 5  # later writes were skipped
+    assert not out.exists() and not leftovers(tmp_path, "m")
+    assert not any(t.name == "sftdiff-write" for t in threading.enumerate())
