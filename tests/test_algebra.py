@@ -22,11 +22,12 @@ from hypothesis import strategies as st
 
 from sftdiff.algebra import (LazyEntries, add, content_fingerprint, merge_sorted_sum, prune,
                              round_to_odd_f32, scale, subtract)
-from sftdiff.cli import main
 from sftdiff.diff import DenseEntry, DiffMeta, SparseDiff, SparseEntry
 from sftdiff.dtypes import from_float32, to_float32
 from sftdiff.errors import UsageError, VerificationError
 from sftdiff.select import TopK, per_tensor_count, select_topk
+
+from helpers_models import run_main as run
 
 FP = "sfp1:" + "0" * 32
 SHAPES = {"layer.0.q.weight": (4, 5), "layer.0.q.bias": (7,), "z.emb": (3, 2, 2)}
@@ -353,12 +354,6 @@ def test_lazy_entries_compute_once_when_cached_and_hide_empty_results():
 # -- CLI -------------------------------------------------------------------------------------------
 
 
-def run(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 @pytest.fixture()
