@@ -43,6 +43,7 @@ from .checkpoint import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, Checkpoint
 from .diff import DenseEntry, SparseDiff, SparseEntry
 from .dtypes import FLOAT_DTYPES, STORAGE, canonical, convert, from_float32, to_float32
 from .errors import OutputError, UsageError, VerificationError
+from .progress import progress_bar
 from .safetensors_io import SafetensorsFile, header_bytes
 from .verify import BaseDigests, BaseMatch, verify_against_base
 
@@ -273,7 +274,7 @@ def bake(base: str | os.PathLike | Checkpoint, diffs: Sequence[str | os.PathLike
     names = shard_names(len(shards))
     config = merged_config(ckpt.config, layers, target_dtype)
     sources = _RawSources(ckpt)
-    bar = _progress(len(plan), progress)
+    bar = progress_bar(total=len(plan), desc="apply", enabled=progress)
     try:
         with atomic_path(out, overwrite=force, directory=True) as tmp:
             copy_side_files(ckpt.path, tmp)
@@ -307,16 +308,6 @@ def _per_diff(values: Sequence[Any] | None, default: Any, count: int, what: str)
     if len(values) != count:
         raise UsageError(f"got {len(values)} {what} values for {count} diffs; give one per diff (or one for all)")
     return values
-
-
-def _progress(total: int, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    import sys
-
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="apply", unit="tensor", file=sys.stderr, leave=False, disable=None)
 
 
 def copy_side_files(base_path: str | None, dest: Path) -> None:

@@ -37,6 +37,7 @@ from .dtypes import FLOAT_DTYPES, STORAGE, from_float32, to_float32, to_float64,
 from .errors import FormatError, SftError, UsageError, VerificationError
 from .fingerprint import base_record
 from .names import infer_prefix, map_to_base
+from .progress import progress_bar
 from .safetensors_io import SafetensorsFile
 from .select import TopK, per_tensor_count
 
@@ -634,8 +635,4 @@ def dense_entry(base: Checkpoint, ft: Checkpoint, pair: Pair) -> DenseEntry:
 
 
 def _bar(items: Sequence[Any], desc: str, enabled: bool) -> Any:
-    if not enabled:
-        return items
-    from .cli.common import progress as progress_bar
-
-    return progress_bar(items, total=len(items), desc=desc, quiet=False)
+    return progress_bar(items, total=len(items), desc=desc, enabled=enabled)

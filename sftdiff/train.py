@@ -353,7 +353,7 @@ def lottery_ticket_sft(model: Any, batches: Iterable[Any], *, k: int | None = No
         with torch.no_grad():
             for m, value in start.items():
                 params[m].copy_(value)
-    diff.meta = DiffMeta(base=base_info(ckpt), origin={
+    diff.meta = DiffMeta(base=base_info(ckpt, diff), origin={
         "tool": "sftdiff", "method": "lt-sft", "k": k, "density": density, "scope": "global",
         "full_steps": full_steps, "sparse_steps": sparse_steps, "lr": lr, "sparse_lr": sparse_lr or lr,
         "full_l1_reg": full_l1_reg, "sparse_l1_reg": sparse_l1_reg,
@@ -370,13 +370,14 @@ def loss_ends(losses: Sequence[float]) -> list[float]:
     return [round(float(np.mean(losses[:window])), 5), round(float(np.mean(losses[-window:])), 5)]
 
 
-def base_info(ckpt: Checkpoint | None) -> dict[str, Any]:
-    """The `base` metadata (hint and fingerprint) for a base checkpoint."""
+def base_info(ckpt: Checkpoint | None, diff: SparseDiff) -> dict[str, Any]:
+    """The `base` metadata of a trained diff: as `create` records it (fingerprint, and digests of
+    the base tensors the diff changes, so `apply` can name one that differs)."""
     if ckpt is None:
         return {}
-    from .fingerprint import checkpoint_digests, model_fingerprint
+    from .fingerprint import base_record
 
-    return {"hint": ckpt.hint, "fingerprint": model_fingerprint(checkpoint_digests(ckpt))}
+    return base_record(ckpt, diff.entries)
 
 
 __all__ = ["attach", "detach", "lottery_ticket_sft", "sparse_retrain", "train_steps", "evaluate", "model_loss"]

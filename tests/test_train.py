@@ -313,6 +313,9 @@ def test_cli_train_writes_an_lt_sft_language_diff(bert_dir, corpus, tmp_path, ca
             "--eval-text", corpus[1], "--exclude", "*LayerNorm*", "--device", "cpu", "--quiet")
     diff = SparseDiff.load(out)
     diff.validate()
+    sparse = {n for n in diff.entries if diff.info(n).kind == "sparse"}
+    assert sparse and sparse <= set(diff.meta.base["tensors"])  # apply can name a base tensor that differs
+    assert diff.meta.base["fingerprint"].startswith("sfp1:")
     origin = diff.meta.origin
     assert origin["method"] == "lt-sft" and origin["objective"] == "mlm" and origin["k"] == 500
     assert origin["seed"] == 0 and origin["full_steps"] == 8 and origin["held_out_loss"] > 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Callable
 
 import click
@@ -62,13 +61,3 @@ def say(message: str, quiet: bool = False) -> None:
     """A status line on stderr (stdout is for results, e.g. --json)."""
     if not quiet:
         click.echo(message, err=True)
-
-
-def progress(iterable: Any, total: int | None, desc: str, quiet: bool) -> Any:
-    """A tqdm bar on stderr, hidden with --quiet or when stderr is not a terminal."""
-    if quiet:
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, unit="tensor", file=sys.stderr, leave=False,
-                disable=None, dynamic_ncols=True)

@@ -111,7 +111,7 @@ def retrain_cmd(base: str, diff: str, text: str, objective: str, out: str, lr: f
     origin = {"tool": "sftdiff", "method": "retrain", "source": Path(diff).name, "k": trained.nnz, "steps": steps,
               "lr": lr, "l1_reg": l1_reg, **run.settings, "loss": loss_ends(losses), "held_out_loss": run.held_out()}
     user = {**source.meta.user, **user_fields(description=description, kind=kind, language=language, task=task)}
-    trained.meta = DiffMeta(base=base_info(run.ckpt), origin=origin, user=user)
+    trained.meta = DiffMeta(base=base_info(run.ckpt, trained), origin=origin, user=user)
     run.finish(trained, out, force, before)
 
 
