@@ -50,11 +50,20 @@ def merge_sorted_sum(parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np
         return np.asarray(parts[0][0], dtype=np.int64), np.asarray(parts[0][1], dtype=np.float64)
     indices = np.concatenate([np.asarray(i, dtype=np.int64) for i, _ in parts])
     values = np.concatenate([np.asarray(v, dtype=np.float64) for _, v in parts])
-    # A stable sort keeps equal indices in operand order; on concatenated sorted runs it is a merge.
+    return sum_by_index(indices, values)
+
+
+def sum_by_index(indices: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique indices and, at each, the float64 sum of the values found there, added in
+    their given order (a stable sort keeps equal indices in order; on concatenated sorted runs it
+    is a merge)."""
     order = np.argsort(indices, kind="stable")
-    indices, values = indices[order], values[order]
+    indices = np.asarray(indices, dtype=np.int64)[order]
+    values = np.asarray(values, dtype=np.float64)[order]
+    if not len(indices):
+        return indices, values
     starts = np.flatnonzero(np.concatenate(([True], indices[1:] != indices[:-1])))
-    return indices[starts], np.add.reduceat(values, starts) if len(values) else values
+    return indices[starts], np.add.reduceat(values, starts)
 
 
 def round_to_odd_f32(x: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 from .. import __version__
+from ..algebra import sum_by_index
 from ..checkpoint import Checkpoint
 from ..diff import DenseEntry, DiffMeta, Entry, SparseDiff, SparseEntry
 from ..errors import FormatError, UsageError, VerificationError
@@ -47,12 +48,9 @@ def canonical_sparse(shape: tuple[int, ...], indices: np.ndarray, values: np.nda
         raise FormatError(f"{what}: index out of range [0, {numel}) for shape {list(shape)}")
     indices = indices.astype(np.int64, copy=False)
     if indices.size > 1 and not bool(np.all(indices[1:] > indices[:-1])):
-        order = np.argsort(indices, kind="stable")
-        indices, values = indices[order], values[order]
-        starts = np.flatnonzero(np.concatenate(([True], indices[1:] != indices[:-1])))
-        indices = indices[starts]
+        indices, sums = sum_by_index(indices, values)
         with np.errstate(over="ignore"):  # an overflow becomes infinity, refused just below
-            values = np.add.reduceat(values.astype(np.float64), starts).astype(np.float32)
+            values = sums.astype(np.float32)
     if not np.isfinite(values).all():  # after merging: summed repeats can overflow float32
         raise FormatError(f"{what}: values contain NaN or infinity")
     return SparseEntry.from_float(shape, indices, values)
