@@ -17,7 +17,6 @@ out entirely. Names are stored as the base spells them (`names.map_to_base`).
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import sys
 import threading
@@ -36,7 +35,7 @@ from .diff import DenseEntry, DiffMeta, SparseDiff, SparseEntry
 from .dtypes import FLOAT_DTYPES, STORAGE, from_float32, to_float32, to_float64, value_dtype
 from .errors import FormatError, SftError, UsageError, VerificationError
 from .fingerprint import base_record
-from .names import infer_prefix, map_to_base
+from .names import infer_prefix, map_to_base, matches_any
 from .progress import progress_bar
 from .safetensors_io import SafetensorsFile
 from .select import TopK, per_tensor_count
@@ -170,10 +169,6 @@ def _checkpoint(source: Any) -> tuple[Checkpoint, str | None]:
     raise TypeError(f"expected a checkpoint path, a Checkpoint or a state dict, got {type(source).__name__}")
 
 
-def _matches(name: str, globs: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, g) for g in globs)
-
-
 def plan_entries(base: Checkpoint, ft: Checkpoint, *, include: Sequence[str] = (), exclude: Sequence[str] = (),
                  dense: Sequence[str] = ()) -> Plan:
     """Decide, from headers alone, which parameters are selectable, dense or skipped."""
@@ -184,7 +179,7 @@ def plan_entries(base: Checkpoint, ft: Checkpoint, *, include: Sequence[str] = (
     base_copies = base.tied_copies()
 
     def allowed(name: str) -> bool:
-        return (not include or _matches(name, include)) and not _matches(name, exclude)
+        return (not include or matches_any(name, include)) and not matches_any(name, exclude)
 
     new, resized, claimed = [], [], {}
     for source in sorted(ft.tensors):
@@ -198,7 +193,7 @@ def plan_entries(base: Checkpoint, ft: Checkpoint, *, include: Sequence[str] = (
                                     "the checkpoint mixes prefixed and unprefixed copies of a parameter")
         claimed[name] = source
         b = base.tensors.get(target) if target is not None else None
-        if _matches(name, dense):
+        if matches_any(name, dense):
             plan.dense.append(Pair(name, source, "requested"))
         elif not allowed(name):
             continue

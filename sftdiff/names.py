@@ -9,6 +9,7 @@ do not import the model classes.
 
 from __future__ import annotations
 
+import fnmatch
 from typing import Iterable
 
 
@@ -49,3 +50,8 @@ def map_to_base(base: Iterable[str], other: Iterable[str]) -> dict[str, str | No
         else:
             out[name] = None
     return out
+
+
+def matches_any(name: str, globs: Iterable[str]) -> bool:
+    """Whether `name` matches one of the shell-style `globs` (`*LayerNorm*`, `classifier.*`), case-sensitively."""
+    return any(fnmatch.fnmatchcase(name, g) for g in globs)

@@ -10,7 +10,6 @@ fine-tuning, top-k of |Δ|, reset to the base, sparse retraining of those k valu
 
 from __future__ import annotations
 
-import fnmatch
 import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -20,7 +19,7 @@ import numpy as np
 from .checkpoint import Checkpoint, torch_to_numpy
 from .diff import DenseEntry, DiffMeta, SparseDiff, SparseEntry
 from .errors import UsageError, VerificationError
-from .names import infer_prefix, map_to_base
+from .names import infer_prefix, map_to_base, matches_any
 
 if TYPE_CHECKING:
     import torch
@@ -62,10 +61,6 @@ class _Attached:
     dense: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # name -> (parameter, value at attach)
     requires_grad: list[tuple[Any, bool]] = field(default_factory=list)
     meta: DiffMeta = field(default_factory=DiffMeta)
-
-
-def matches(name: str, globs: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, g) for g in globs)
 
 
 def base_spelling(model_names: Iterable[str], base_names: Iterable[str]) -> dict[str, str]:
@@ -122,7 +117,7 @@ def attach(model: "torch.nn.Module", diff_or_mask: SparseDiff | Mask, *, dense: 
     state.requires_grad = [(p, p.requires_grad) for p in params.values()]
     for p in params.values():
         p.requires_grad_(False)
-    dense_names = {spelling[m] for m in params if matches(m, dense) or matches(spelling[m], dense)}
+    dense_names = {spelling[m] for m in params if matches_any(m, dense) or matches_any(spelling[m], dense)}
     dense_names |= {n for n, e in entries.items() if isinstance(e, DenseEntry)}
     for name in sorted(dense_names):
         p = params[by_base[name]]
@@ -315,7 +310,7 @@ def lottery_ticket_sft(model: Any, batches: Iterable[Any], *, k: int | None = No
     params = dict(model.named_parameters())
     spelling = base_spelling(params, ckpt.tensors if ckpt is not None else params)
     base_has = set(ckpt.tensors) if ckpt is not None else set(spelling.values())
-    chosen = lambda m, globs: matches(m, globs) or matches(spelling[m], globs)  # noqa: E731
+    chosen = lambda m, globs: matches_any(m, globs) or matches_any(spelling[m], globs)  # noqa: E731
     trained = [m for m in params if not chosen(m, exclude_globs)]
     dense = [m for m in trained if chosen(m, dense_globs) or spelling[m] not in base_has]
     sparse = [m for m in trained if m not in dense and chosen(m, sparse_globs)]
