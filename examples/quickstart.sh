@@ -11,6 +11,8 @@ sftdiff inspect "$OUT/lang.sft"
 sftdiff inspect "$OUT/task.sft"
 # The language diff carries its MLM head as dense entries; a tagger does not need it.
 sftdiff apply "$OUT/base" "$OUT/lang.sft" "$OUT/task.sft" --skip-dense "$OUT/lang.sft" -o "$OUT/merged" --force
+# The baked folder records what it was made from (also in its README.md model card).
+sftdiff inspect "$OUT/merged"
 
 python - "$OUT/merged" <<'PY'
 import sys

@@ -7,11 +7,13 @@ apply to dense entries); a dense entry for a parameter the base lacks adds it un
 
 `bake` streams: the output's tensor list is known before any value is computed, so each shard's
 header is written first and tensors follow one at a time. Unchanged tensors are copied by the
-kernel (`copy_file_range`) straight from the base's safetensors files; changed ones are read in
-slices of `CHUNK_ELEMENTS` into a few reused, cache-sized buffers, and only the touched values are
-converted, summed and rounded in place, so time stays near a file copy and memory near one slice
-plus the diffs, whatever the model. Slices are written by a background thread (`_Writer`) while
-the next one is read and patched, and written data goes to the disk in the background
+kernel (`Checkpoint.copy_to`, `copy_file_range`) straight from the base's safetensors files; changed
+ones are read (`Checkpoint.read_into`) in slices of `CHUNK_ELEMENTS` into a few reused, cache-sized
+buffers this module allocates, and only the touched values are converted, summed and rounded in
+place, so time stays near a file copy and memory near one slice plus the diffs, whatever the model.
+Inputs are never written: values are patched only in buffers allocated here (`_patched` copies a
+slice it does not own: a read-only view of an in-memory base, or a dense entry's values).
+Slices are written by a background thread (`_Writer`) while the next one is read and patched, and written data goes to the disk in the background
 (`_Flusher`) while later tensors are computed, rather than all in the final fsync.
 
 Copying a changed tensor with `copy_file_range` and patching the output through a writable
@@ -38,13 +40,15 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from . import recipe as recipes
 from .atomic import atomic_path
 from .checkpoint import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, Checkpoint
+from .compose import effective, merge_config_patches
 from .diff import DenseEntry, SparseDiff, SparseEntry
-from .dtypes import FLOAT_DTYPES, STORAGE, canonical, convert, from_float32, to_float32
-from .errors import OutputError, UsageError, VerificationError
+from .dtypes import FLOAT_DTYPES, STORAGE, canonical, convert, from_float32, scaled_delta, to_float32
+from .errors import UsageError, VerificationError
 from .progress import progress_bar
-from .safetensors_io import SafetensorsFile, header_bytes
+from .safetensors_io import header_bytes
 from .verify import BaseDigests, BaseMatch, verify_against_base
 
 DEFAULT_SHARD_SIZE = 50 * 10**9  # transformers' save_pretrained default, "50GB"
@@ -53,7 +57,7 @@ DEFAULT_SHARD_SIZE = 50 * 10**9  # transformers' save_pretrained default, "50GB"
 CHUNK_ELEMENTS = 1 << 20
 WRITE_BYTES = 1 << 20
 # Slices the writer thread may hold (one being written, the rest queued): bounds memory, and tells
-# `_RawSources` how many read buffers to rotate through (IN_FLIGHT + 1, the extra one being patched).
+# `_Buffers` how many read buffers to rotate through (IN_FLIGHT + 1, the extra one being patched).
 IN_FLIGHT = 2
 FLUSH_BYTES = 256 << 20  # written data handed to the disk at a time, while the next is computed
 OUTPUT_METADATA = {"format": "pt"}  # what transformers writes; its loader checks for it
@@ -101,22 +105,32 @@ class BakeResult:
 # ---------------------------------------------------------------- planning (pure)
 
 
+MIN_SHARD_SIZE = 1000  # bytes: below this a "size" is surely a missing unit, not a wish for 41 shards
+
+
 def parse_size(text: str | int) -> int:
-    """Bytes in "50GB", "500MB", "2GiB", "1e9" or a plain integer (GB = 10^9 as in transformers)."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]i?B?|B)?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise UsageError(f"cannot read size {text!r}; write it like 50GB, 500MB or 2GiB")
-    unit = (m.group(2) or "B").upper().rstrip("B") or "B"
-    powers = {"B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-              "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
-    try:
-        size = int(float(m.group(1)) * powers[unit])
-    except (ValueError, KeyError):
-        raise UsageError(f"cannot read size {text!r}; write it like 50GB, 500MB or 2GiB") from None
-    if size <= 0:
-        raise UsageError(f"size {text!r} must be positive")
+    """Bytes in "50GB", "500MB", "2GiB" or "1e9B" (GB = 10^9 as in transformers); an int is bytes.
+
+    A string needs a unit: `--shard-size 10` meaning 10 bytes (one shard per tensor) is never what
+    was meant. Sizes under `MIN_SHARD_SIZE` are refused."""
+    hint = "write it with a unit, like 50GB, 500MB or 2GiB"
+    if isinstance(text, int) and not isinstance(text, bool):
+        size = text
+    else:
+        m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]i?B?|B)?\s*", str(text), re.IGNORECASE)
+        if not m:
+            raise UsageError(f"cannot read size {text!r}; {hint}")
+        if not m.group(2):
+            raise UsageError(f"size {text!r} has no unit; {hint}")
+        unit = m.group(2).upper().rstrip("B") or "B"
+        powers = {"B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+                  "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+        try:
+            size = int(float(m.group(1)) * powers[unit])
+        except (ValueError, KeyError, OverflowError):
+            raise UsageError(f"cannot read size {text!r}; {hint}") from None
+    if size < MIN_SHARD_SIZE:
+        raise UsageError(f"size {text!r} is only {size} bytes (the minimum is 1KB); give e.g. 500MB or 2GB")
     return size
 
 
@@ -134,7 +148,9 @@ def output_dtype(requested: str) -> str | None:
 
 
 def plan_tensors(base: Checkpoint, layers: Sequence[Layer], dtype: str | None) -> list[OutputTensor]:
-    """The output's tensors in base order (tied copies dropped), new dense parameters last."""
+    """The output's tensors in base order (tied copies dropped), new dense parameters last. Each
+    tensor's updates are the entries that decide it by the composition rule (`compose.effective`:
+    from its last dense entry on), so a dense entry can only be the first."""
     updates: dict[str, list[tuple[int, str]]] = {}
     new: dict[str, tuple[str, tuple[int, ...]]] = {}
     for i, layer in enumerate(layers):
@@ -145,6 +161,8 @@ def plan_tensors(base: Checkpoint, layers: Sequence[Layer], dtype: str | None) -
             updates.setdefault(target, []).append((i, name))
             if name in layer.match.new:
                 new[target] = (info.dtype, info.shape)
+    updates = {target: effective(ops, lambda op: layers[op[0]].diff.info(op[1]).kind)
+               for target, ops in updates.items()}
     default_dtype = dtype or model_dtype(base)
     plan = []
     for name, t in base.tensors.items():
@@ -160,20 +178,16 @@ def plan_tensors(base: Checkpoint, layers: Sequence[Layer], dtype: str | None) -
 
 
 def _final_shape(shape: tuple[int, ...], ops: Sequence[tuple[int, str]], layers: Sequence[Layer]) -> tuple[int, ...]:
+    """The shape after `ops` (trimmed by `plan_tensors`): a leading dense entry's, which the sparse
+    entries after it must fit."""
     for i, name in ops:
-        if layers[i].diff.info(name).kind == "dense":
-            shape = layers[i].diff.info(name).shape
-    for i, name in ops:  # a sparse entry after a resizing dense one must fit the new shape
         info = layers[i].diff.info(name)
-        if info.kind == "sparse" and _starts_after_last_dense(i, ops, layers) and info.shape != shape:
+        if info.kind == "dense":
+            shape = info.shape
+        elif info.shape != tuple(shape):
             raise VerificationError(f"{layers[i].label}: {name!r} has shape {list(info.shape)} but an earlier "
                                     f"dense entry makes it {list(shape)}")
     return tuple(shape)
-
-
-def _starts_after_last_dense(i: int, ops: Sequence[tuple[int, str]], layers: Sequence[Layer]) -> bool:
-    dense_at = [j for j, n in ops if layers[j].diff.info(n).kind == "dense"]
-    return not dense_at or i > dense_at[-1]
 
 
 def model_dtype(base: Checkpoint) -> str:
@@ -204,16 +218,18 @@ def shard_names(count: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
-def merged_config(config: dict | None, layers: Sequence[Layer], dtype: str | None) -> dict | None:
-    """The base's config.json with each diff's `config_patch` applied in order (shallow: a later
-    diff's field wins). A diff applied without its dense entries contributes no patch, since its
-    patch describes the head those entries carry."""
-    patches = [layer.diff.meta.config_patch for layer in layers if layer.with_dense and layer.diff.meta.config_patch]
-    if config is None and not patches and dtype is None:
+def merged_config(config: dict | None, layers: Sequence[Layer], dtype: str | None,
+                  warn: Callable[[str], None] | None = None) -> dict | None:
+    """The base's config.json with the diffs' `config_patch`es merged by the composition rule
+    (`compose.merge_config_patches`: key by key, a later diff wins, `warn` names each key set
+    differently). A diff applied without its dense entries contributes no patch, since its patch
+    describes the head those entries carry."""
+    patch = merge_config_patches([(layer.label, layer.diff.meta.config_patch) for layer in layers
+                                  if layer.with_dense], warn)
+    if config is None and not patch and dtype is None:
         return None
     merged = dict(config or {})
-    for patch in patches:
-        merged.update(patch)
+    merged.update(patch or {})
     if dtype is not None:
         name = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[dtype]
         for key in ("dtype", "torch_dtype"):
@@ -257,13 +273,16 @@ def bake(base: str | os.PathLike | Checkpoint, diffs: Sequence[str | os.PathLike
     check_output_location(out, ckpt.path, [d.path for d in loaded])
     target_dtype = output_dtype(dtype)
     max_bytes = parse_size(shard_size)
+    hashes = recipes.Hashes(loaded)  # the recipe's content fingerprints, hashed while the diffs are checked
 
     digests = BaseDigests(ckpt)
     layers = []
+    replaced: dict[str, tuple[int, ...]] = {}  # parameters earlier diffs replace densely (composition rule)
     for i, (sd, s, wd) in enumerate(zip(loaded, scales, with_dense)):
         label = sd.path or f"diff #{i + 1}"
-        match = verify_against_base(sd, ckpt, label=label, fingerprint=verify, digests=digests)
+        match = verify_against_base(sd, ckpt, label=label, fingerprint=verify, digests=digests, replaced=replaced)
         layers.append(Layer(sd, float(s), bool(wd), label, match))
+        replaced.update({t: sd.info(n).shape for n, t in match.names.items() if wd and sd.info(n).kind == "dense"})
     report = warn or (lambda message: _warnings.warn(message, stacklevel=3))
     notes = [w for layer in layers for w in layer.match.warnings]
     for note in notes:
@@ -272,21 +291,23 @@ def bake(base: str | os.PathLike | Checkpoint, diffs: Sequence[str | os.PathLike
     plan = plan_tensors(ckpt, layers, target_dtype)
     shards = plan_shards(plan, max_bytes)
     names = shard_names(len(shards))
-    config = merged_config(ckpt.config, layers, target_dtype)
-    sources = _RawSources(ckpt)
+    config = merged_config(ckpt.config, layers, target_dtype, warn=lambda m: (notes.append(m), report(m)))
+    recipe = recipes.build(ckpt, layers, target_dtype, out, hashes)  # what the output is: shard metadata, README.md
+    metadata = recipes.shard_metadata(recipe, OUTPUT_METADATA)
+    sources = _Buffers(ckpt)
     bar = progress_bar(total=len(plan), desc="apply", enabled=progress)
     try:
         with atomic_path(out, overwrite=force, directory=True) as tmp:
             copy_side_files(ckpt.path, tmp)
+            recipes.write_card(tmp, ckpt.path, recipe, title=out.name)
             if config is not None:
                 (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             with _Flusher() as flusher:
                 for shard_name, shard in zip(names, shards):
-                    _write_shard(tmp / shard_name, shard, ckpt, sources, layers, bar, flusher)
+                    _write_shard(tmp / shard_name, shard, ckpt, sources, layers, bar, flusher, metadata)
             if len(shards) > 1:
                 _write_index(tmp / SAFETENSORS_INDEX, shards, names)
     finally:
-        sources.close()
         if bar is not None:
             bar.close()
     return BakeResult(out, len(plan), sum(1 for t in plan if t.updates), [t.name for t in plan if t.source is None],
@@ -332,11 +353,11 @@ def _write_index(path: Path, shards: Sequence[Sequence[OutputTensor]], names: Se
     path.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
-def _write_shard(path: Path, tensors: Sequence[OutputTensor], ckpt: Checkpoint, sources: "_RawSources",
-                 layers: Sequence[Layer], bar: Any, flusher: "_Flusher") -> None:
+def _write_shard(path: Path, tensors: Sequence[OutputTensor], ckpt: Checkpoint, sources: "_Buffers",
+                 layers: Sequence[Layer], bar: Any, flusher: "_Flusher", metadata: dict[str, str] = OUTPUT_METADATA) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        _write_all(fd, header_bytes([(t.name, t.dtype, t.shape) for t in tensors], OUTPUT_METADATA))
+        _write_all(fd, header_bytes([(t.name, t.dtype, t.shape) for t in tensors], metadata))
         with _Writer(fd) as writer:  # finishes (or abandons) its writes before the fd is closed
             for t in tensors:
                 written = _write_tensor(fd, writer, t, ckpt, sources, layers)
@@ -388,13 +409,20 @@ class _Writer:
     the GIL released: in this thread it overlaps with reading and patching the next slice instead of
     following it. The thread holds at most `IN_FLIGHT` slices, so `write` blocks when it is behind
     (memory stays bounded), and a slice handed over is written once `IN_FLIGHT` more have been handed
-    over (`_RawSources` reuses its buffers on that). A failed write fails the bake: its OSError is raised
+    over (`_Buffers` reuses its buffers on that). A failed write fails the bake: its OSError is raised
     in the main thread by the next call here or on leaving the block, and later writes are skipped.
+
+    Ctrl-C raises KeyboardInterrupt in the main thread between any two bytecodes, also inside
+    `queue.Queue`'s pure-Python condition variables, where it can drop a wake-up and leave the
+    thread waiting forever (seen: `apply` hung in `__exit__`'s join). So the hand-over is a
+    `SimpleQueue` (its put is one C call, never half done, and never blocks), the bound a semaphore
+    released only by the thread, and on an abandoned bake the thread stops between 1 MiB writes.
     """
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
-        self._queue: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=IN_FLIGHT - 1)
+        self._queue: queue.SimpleQueue[np.ndarray | threading.Event | None] = queue.SimpleQueue()
+        self._slots = threading.Semaphore(IN_FLIGHT)  # slices held by the thread, queued or being written
         self._error: BaseException | None = None
         self._abandoned = False
         self._thread = threading.Thread(target=self._run, name="sftdiff-write", daemon=True)
@@ -403,12 +431,15 @@ class _Writer:
     def write(self, array: np.ndarray) -> int:
         """Queue `array` (not to be changed afterwards) for writing; returns its size in bytes."""
         self._raise_error()
+        self._slots.acquire()
         self._queue.put(array)
         return array.nbytes  # what `_write_all` writes, or it raises
 
     def drain(self) -> None:
         """Wait until everything queued is written (before writing to the file another way)."""
-        self._queue.join()
+        done = threading.Event()
+        self._queue.put(done)
+        done.wait()
         self._raise_error()
 
     def _raise_error(self) -> None:
@@ -417,16 +448,19 @@ class _Writer:
 
     def _run(self) -> None:
         while True:
-            array = self._queue.get()
+            item = self._queue.get()
+            if item is None:
+                return
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
             try:
-                if array is None:
-                    return
                 if self._error is None and not self._abandoned:
-                    _write_all(self._fd, array)
+                    _write_all(self._fd, item, stop=lambda: self._abandoned)
             except BaseException as e:  # noqa: BLE001 - handed to the main thread
                 self._error = e
             finally:
-                self._queue.task_done()
+                self._slots.release()
 
     def __enter__(self) -> "_Writer":
         return self
@@ -447,18 +481,18 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _write_tensor(fd: int, writer: _Writer, t: OutputTensor, ckpt: Checkpoint, sources: "_RawSources",
+def _write_tensor(fd: int, writer: _Writer, t: OutputTensor, ckpt: Checkpoint, sources: "_Buffers",
                   layers: Sequence[Layer]) -> int:
     if not t.updates:
         base_dtype = ckpt.tensors[t.source].dtype
-        if base_dtype == t.dtype and sources.can_copy(t.source):
+        if base_dtype == t.dtype and ckpt.in_file(t.source):
             writer.drain()  # the kernel copy appends at the file offset: queued slices go first
-            return sources.copy(t.source, fd)
-        return sum(writer.write(convert(chunk, base_dtype, t.dtype)) for chunk in _base_chunks(t.source, ckpt, sources))
+            return ckpt.copy_to(t.source, fd)
+        return sum(writer.write(convert(chunk, base_dtype, t.dtype)) for chunk, _ in sources.chunks(t.source))
     return sum(writer.write(chunk) for chunk in _updated_chunks(t, ckpt, sources, layers))
 
 
-def _updated_chunks(t: OutputTensor, ckpt: Checkpoint, sources: "_RawSources",
+def _updated_chunks(t: OutputTensor, ckpt: Checkpoint, sources: "_Buffers",
                     layers: Sequence[Layer]) -> Iterator[np.ndarray]:
     """The output tensor's values, slice by slice, in its output dtype."""
     entries = [(layers[i], layers[i].diff.entries[name]) for i, name in t.updates]
@@ -466,21 +500,21 @@ def _updated_chunks(t: OutputTensor, ckpt: Checkpoint, sources: "_RawSources",
     if last_dense is not None:
         start = entries[last_dense][1]
         start_dtype = start.dtype
-        starts = _slices(np.asarray(start.values).reshape(-1))
+        starts = ((chunk, False) for chunk in _slices(np.asarray(start.values).reshape(-1)))  # the diff's: never written
         entries = entries[last_dense + 1:]
     else:
         start_dtype = ckpt.tensors[t.source].dtype
-        starts = _base_chunks(t.source, ckpt, sources)
+        starts = sources.chunks(t.source)
     wide = "F64" in (start_dtype, t.dtype)
     if start_dtype == t.dtype:  # only the touched values change: patch them into the raw slice
         lo = 0
-        for raw in starts:
+        for raw, owned in starts:
             hi = lo + raw.size
-            yield _patched(raw, t.dtype, entries, lo, hi, wide)
+            yield _patched(raw, t.dtype, entries, lo, hi, wide, owned)
             lo = hi
         return
     lo = 0
-    for raw in starts:
+    for raw, _ in starts:
         hi = lo + raw.size
         values = raw if start_dtype == "F64" else to_float32(raw, start_dtype)
         work = np.array(values, dtype=np.float64 if wide else np.float32)  # own, writable copy
@@ -491,20 +525,21 @@ def _updated_chunks(t: OutputTensor, ckpt: Checkpoint, sources: "_RawSources",
 
 
 def _patched(raw: np.ndarray, dtype: str, entries: Sequence[tuple[Layer, SparseEntry]], lo: int, hi: int,
-             wide: bool) -> np.ndarray:
+             wide: bool, owned: bool) -> np.ndarray:
     """`raw` (flat elements [lo, hi) of a tensor) with the entries' values added at their indices:
-    the same values as converting the whole slice, adding and rounding, at O(touched) cost."""
+    the same values as converting the whole slice, adding and rounding, at O(touched) cost.
+
+    Patched in place only when `owned` (a buffer this module allocated); anything else (an input's
+    memory, however writeable) is copied first."""
     spans = []
     for layer, entry in entries:
         a, b = _span(entry.indices, lo, hi)
         if a < b:
-            delta = to_float32(entry.values[a:b], entry.dtype)
-            if layer.scale != 1.0:
-                delta = delta * np.float32(layer.scale)
+            delta = scaled_delta(entry.values[a:b], entry.dtype, layer.scale, np.dtype(np.float64 if wide else np.float32))
             spans.append((np.subtract(entry.indices[a:b], lo, dtype=np.intp), delta))
     if not spans:
         return raw
-    out = raw if raw.flags.writeable else raw.copy()
+    out = raw if owned else raw.copy()
     if len(spans) == 1:  # one diff: no sum to keep, round each value straight back
         at, delta = spans[0]
         out[at] = _rounded(_widened(out[at], dtype, wide) + delta, dtype)
@@ -537,9 +572,7 @@ def _add_slice(work: np.ndarray, entry: SparseEntry, scale: float, lo: int, hi: 
     a, b = _span(entry.indices, lo, hi)
     if a == b:
         return
-    values = to_float32(entry.values[a:b], entry.dtype)
-    if scale != 1.0:
-        values = values * np.float32(scale)
+    values = scaled_delta(entry.values[a:b], entry.dtype, scale, work.dtype)
     work[np.asarray(entry.indices[a:b], dtype=np.int64) - lo] += values
 
 
@@ -555,89 +588,44 @@ def _slices(flat: np.ndarray) -> Iterator[np.ndarray]:
         yield flat[i:i + CHUNK_ELEMENTS]
 
 
-def _base_chunks(name: str, ckpt: Checkpoint, sources: "_RawSources") -> Iterator[np.ndarray]:
-    if sources.can_copy(name):
-        yield from sources.chunks(name)
-    else:
-        yield from _slices(ckpt.array(name).reshape(-1))
-
-
-def _write_all(fd: int, array: np.ndarray) -> int:
+def _write_all(fd: int, array: np.ndarray, stop: Callable[[], bool] | None = None) -> int:
+    """Write the array's bytes at the file offset; `stop()` true ends early (an abandoned output)."""
     data = memoryview(np.ascontiguousarray(array)).cast("B") if np.asarray(array).size else memoryview(b"")
     done = 0
     while done < len(data):  # 1 MiB writes: several times faster than huge ones (they stay in cache)
+        if stop is not None and stop():
+            break
         done += os.write(fd, data[done:done + WRITE_BYTES])
     return done
 
 
-class _RawSources:
-    """Byte ranges of the base's safetensors tensors, read with plain reads (not memory maps, whose
-    pages would count towards the process's resident memory for the whole model)."""
+class _Buffers:
+    """The base's tensors slice by slice, for writing or patching: `IN_FLIGHT + 1` read buffers
+    allocated here and reused in turn (fresh memory costs a page fault per 4 KiB), filled by
+    `Checkpoint.read_into` with plain reads (not memory maps, whose pages would count towards the
+    process's resident memory for the whole model)."""
 
     def __init__(self, ckpt: Checkpoint):
-        self._where: dict[str, tuple[int, int, int, str]] = {}  # name -> (fd, start, nbytes, dtype)
-        self._fds: list[int] = []
+        self._ckpt = ckpt
         self._buffers = [np.empty(0, dtype=np.uint8) for _ in range(IN_FLIGHT + 1)]
         self._turn = 0
-        for file in ckpt.weight_files:
-            if not file.endswith(".safetensors"):
-                continue
-            st = SafetensorsFile(file)
-            fd = os.open(file, os.O_RDONLY)
-            self._fds.append(fd)
-            for name, t in st.tensors.items():
-                self._where[name] = (fd, t.start, t.nbytes, t.dtype)
 
-    def can_copy(self, name: str | None) -> bool:
-        return name in self._where
-
-    def copy(self, name: str, dst: int) -> int:
-        fd, start, nbytes, _ = self._where[name]
-        done = 0
-        while done < nbytes:
-            n = _copy_range(fd, dst, start + done, nbytes - done)
-            if n == 0:
-                raise OutputError(f"unexpected end of base file while copying {name!r}")
-            done += n
-        return done
-
-    def chunks(self, name: str) -> Iterator[np.ndarray]:
-        """The tensor's raw values, `CHUNK_ELEMENTS` at a time, read into `IN_FLIGHT + 1` reused
-        buffers in turn: each slice is valid (and writable) until `IN_FLIGHT + 1` more are requested,
-        so it may be handed to the `_Writer` (which holds at most `IN_FLIGHT`) before the next is
-        requested."""
-        fd, start, nbytes, dtype = self._where[name]
-        step = CHUNK_ELEMENTS * STORAGE[dtype].itemsize
+    def chunks(self, name: str) -> Iterator[tuple[np.ndarray, bool]]:
+        """(raw values, owned) `CHUNK_ELEMENTS` at a time. An owned slice is one of this object's
+        buffers: valid (and writable) until `IN_FLIGHT + 1` more are requested, so it may be handed
+        to the `_Writer` (which holds at most `IN_FLIGHT`) before the next is requested. A tensor
+        not in a file comes as read-only slices of the checkpoint's array (not owned)."""
+        if not self._ckpt.in_file(name):
+            for chunk in _slices(self._ckpt.array(name).reshape(-1)):
+                yield chunk, False
+            return
+        t = self._ckpt.tensors[name]
+        dtype = STORAGE[t.dtype]
+        step = CHUNK_ELEMENTS * dtype.itemsize
+        nbytes = t.numel * dtype.itemsize
         for off in range(0, nbytes, step):
             self._turn = (self._turn + 1) % len(self._buffers)
-            if len(self._buffers[self._turn]) < min(step, nbytes):  # fresh memory costs a page fault
-                self._buffers[self._turn] = np.empty(step, dtype=np.uint8)  # per 4 KiB: reuse it
-            buf = self._buffers[self._turn][:min(step, nbytes - off)]
-            view = memoryview(buf)
-            got = 0
-            while got < len(buf):
-                n = os.preadv(fd, [view[got:]], start + off + got)
-                if n == 0:
-                    raise OutputError(f"unexpected end of base file while reading {name!r}")
-                got += n
-            yield buf.view(STORAGE[dtype])
-
-    def close(self) -> None:
-        for fd in self._fds:
-            os.close(fd)
-        self._fds.clear()
-
-
-_KERNEL_COPY = hasattr(os, "copy_file_range")
-
-
-def _copy_range(src: int, dst: int, offset: int, count: int) -> int:
-    """Append up to `count` bytes of `src` from `offset` to `dst`; the kernel copies when it can."""
-    global _KERNEL_COPY
-    if _KERNEL_COPY:
-        try:
-            return os.copy_file_range(src, dst, min(count, 1 << 30), offset)
-        except OSError:  # older kernels, some filesystems: fall back to reading and writing
-            _KERNEL_COPY = False
-    data = os.pread(src, min(count, 64 << 20), offset)
-    return _write_all(dst, np.frombuffer(data, dtype=np.uint8)) if data else 0
+            if len(self._buffers[self._turn]) < min(step, nbytes):
+                self._buffers[self._turn] = np.empty(step, dtype=np.uint8)
+            buf = self._buffers[self._turn][:min(step, nbytes - off)].view(dtype)
+            yield self._ckpt.read_into(name, off // dtype.itemsize, buf), True

@@ -1,9 +1,20 @@
-"""Read-only access to model checkpoints, one tensor at a time.
+"""Read-only access to model checkpoints, one tensor at a time: the only reader of a base's bytes.
 
 A `Checkpoint` lists every tensor (name, dtype, shape) from headers alone and hands out raw numpy
 arrays on request: memory-mapped for safetensors, `torch.load(weights_only=True, mmap=True)` for
-`.bin` files (torch is imported only then). BF16 tensors come back as their uint16 bit patterns,
-as everywhere in sftdiff.
+`.bin` files (torch is imported only then), views of the caller's tensors for in-memory state
+dicts. BF16 tensors come back as their uint16 bit patterns, as everywhere in sftdiff.
+
+Every array handed out is read-only (a file mapped read-only, or a read-only view of the caller's
+memory), so no code path can write into an input: code that changes values works on buffers it
+allocated itself (`read_into` fills one).
+
+For tensors stored in safetensors files it also gives the byte-level access that `create` and
+`bake` need beside the memory map: `read` (pread of a flat range: on a cold page cache a fault on
+the map reads a whole read-around window, often megabytes, and waits for it), `read_into` (the same
+into a caller's reused buffer, so the pages do not count towards the process's resident memory as
+mapped ones would), `read_ahead` (posix_fadvise WILLNEED) and `copy_to` (`copy_file_range` of a
+tensor's bytes to an output file). Other checkpoints fall back to their arrays.
 """
 
 from __future__ import annotations
@@ -11,12 +22,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from .dtypes import STORAGE
 from .errors import FormatError
 from .safetensors_io import SafetensorsFile
 
@@ -43,7 +57,8 @@ class Checkpoint:
 
     def __init__(self, tensors: dict[str, TensorMeta], loader: Callable[[str], np.ndarray],
                  path: str | None = None, weight_files: Iterable[str] = (), config: dict | None = None,
-                 aliases: Mapping[str, str] | None = None, releaser: Callable[[str], None] | None = None):
+                 aliases: Mapping[str, str] | None = None, releaser: Callable[[str], None] | None = None,
+                 spans: Mapping[str, tuple[str, int, int]] | None = None):
         self.tensors = tensors
         self._loader = loader
         self.path = path
@@ -51,6 +66,11 @@ class Checkpoint:
         self.config = config
         self.aliases = dict(aliases or {})  # name -> name it shares storage with (tied weights)
         self._releaser = releaser
+        self._spans = dict(spans or {})  # name -> (file, first byte, end byte) in a safetensors file
+        self._fds: dict[str, int] = {}
+        self._fd_lock = threading.Lock()
+        # Descriptors opened for byte-range reads close with the checkpoint (or on `close`).
+        self._finalizer = weakref.finalize(self, _close_fds, self._fds)
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -62,8 +82,86 @@ class Checkpoint:
         return len(self.tensors)
 
     def array(self, name: str) -> np.ndarray:
-        """Raw values of a tensor, shaped (BF16 as uint16)."""
-        return self._loader(name)
+        """Raw values of a tensor, shaped (BF16 as uint16), read-only."""
+        arr = self._loader(name)
+        if arr.flags.writeable:  # a view, so the caller's own array keeps its flags
+            arr = arr.view()
+            arr.setflags(write=False)
+        return arr
+
+    # -- byte-level access (safetensors files; other checkpoints fall back to `array`)
+
+    def in_file(self, name: str) -> bool:
+        """Whether the tensor's bytes lie in a safetensors file (so `copy_to` can copy them)."""
+        return name in self._spans
+
+    def read(self, name: str, offset: int, count: int) -> np.ndarray:
+        """`count` flat values of a tensor from value `offset`, raw (BF16 as uint16), read-only;
+        read with pread (only these bytes) when the tensor is in a file."""
+        fd = self._fd(name)
+        if fd is None:
+            return self.array(name).reshape(-1)[offset:offset + count]
+        dtype = STORAGE[self.tensors[name].dtype]
+        start = self._spans[name][1] + offset * dtype.itemsize
+        data = os.pread(fd, count * dtype.itemsize, start)
+        if len(data) != count * dtype.itemsize:
+            raise FormatError(f"{self.tensors[name].file}: {name}: short read (file changed?)")
+        return np.frombuffer(data, dtype=dtype)
+
+    def read_into(self, name: str, offset: int, out: np.ndarray) -> np.ndarray:
+        """Fill the caller's buffer `out` (of the tensor's storage dtype) with flat values from
+        `offset` and return it: the way to get values one may change."""
+        count = out.size
+        fd = self._fd(name)
+        if fd is None:
+            np.copyto(out, self.array(name).reshape(-1)[offset:offset + count])
+            return out
+        view = memoryview(out.reshape(-1)).cast("B")
+        start = self._spans[name][1] + offset * out.itemsize
+        got = 0
+        while got < len(view):
+            n = os.preadv(fd, [view[got:]], start + got)
+            if n == 0:
+                raise FormatError(f"{self.tensors[name].file}: {name}: unexpected end of file (file changed?)")
+            got += n
+        return out
+
+    def read_ahead(self, name: str) -> None:
+        """Ask the kernel to start reading a tensor's bytes into the page cache (no wait)."""
+        fd = self._fd(name)
+        if fd is not None and hasattr(os, "posix_fadvise"):
+            _, start, end = self._spans[name]
+            os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+
+    def copy_to(self, name: str, dst: int) -> int:
+        """Append the tensor's stored bytes to the file `dst` at its offset (the kernel copies
+        where it can) and return their number; the tensor must be `in_file`."""
+        fd = self._fd(name)
+        if fd is None:
+            raise ValueError(f"{name!r} is not stored in a safetensors file")
+        _, start, end = self._spans[name]
+        done = 0
+        while done < end - start:
+            n = _copy_range(fd, dst, start + done, end - start - done)
+            if n == 0:
+                raise FormatError(f"{self.tensors[name].file}: {name}: unexpected end of file (file changed?)")
+            done += n
+        return done
+
+    def close(self) -> None:
+        """Close the descriptors byte-range reads opened (arrays already handed out stay valid)."""
+        with self._fd_lock:
+            _close_fds(self._fds)
+
+    def _fd(self, name: str) -> int | None:
+        where = self._spans.get(name)
+        if where is None or not hasattr(os, "pread"):
+            return None
+        with self._fd_lock:
+            fd = self._fds.get(where[0])
+            if fd is None:
+                fd = self._fds[where[0]] = os.open(where[0], os.O_RDONLY)
+            return fd
 
     def release(self, name: str) -> None:
         """Let go of the memory a tensor's earlier `array` calls mapped (a no-op where nothing is
@@ -146,9 +244,36 @@ class Checkpoint:
             else:
                 arr = np.asarray(value)
                 dtype = numpy_dtype_name(arr.dtype)
-            arrays[key] = arr
+            arrays[key] = arr  # `array` hands out read-only views: the caller's tensors are never written
             tensors[key] = TensorMeta(key, dtype, tuple(arr.shape), None)
         return cls(tensors, arrays.__getitem__, name, (), None, tied_aliases(state_dict))
+
+
+def _close_fds(fds: dict[str, int]) -> None:
+    for fd in fds.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    fds.clear()
+
+
+_KERNEL_COPY = hasattr(os, "copy_file_range")
+
+
+def _copy_range(src: int, dst: int, offset: int, count: int) -> int:
+    """Append up to `count` bytes of `src` from `offset` to `dst`; the kernel copies when it can."""
+    global _KERNEL_COPY
+    if _KERNEL_COPY:
+        try:
+            return os.copy_file_range(src, dst, min(count, 1 << 30), offset)
+        except OSError:  # older kernels, some filesystems: fall back to reading and writing
+            _KERNEL_COPY = False
+    data = os.pread(src, min(count, 64 << 20), offset)
+    view, done = memoryview(data), 0
+    while done < len(view):
+        done += os.write(dst, view[done:done + (1 << 20)])
+    return done
 
 
 def tied_aliases(state_dict: Mapping[str, Any]) -> dict[str, str]:
@@ -192,15 +317,17 @@ def _shards(folder: Path, index_name: str) -> list[Path]:
 def _from_safetensors(files: list[Path], path: str, config: dict | None) -> Checkpoint:
     opened: dict[str, SafetensorsFile] = {}
     tensors: dict[str, TensorMeta] = {}
+    spans: dict[str, tuple[str, int, int]] = {}
     for file in files:
         st = SafetensorsFile(file)
         for name, t in st.tensors.items():
             if name in tensors:
                 raise FormatError(f"{file}: tensor {name!r} also appears in {tensors[name].file}")
             tensors[name] = TensorMeta(name, t.dtype, t.shape, str(file))
+            spans[name] = (str(file), t.start, t.end)
             opened[name] = st
     return Checkpoint(tensors, lambda name: opened[name].array(name), path, [str(f) for f in files], config,
-                      releaser=lambda name: opened[name].release(name))
+                      releaser=lambda name: opened[name].release(name), spans=spans)
 
 
 _TORCH_TO_ST = {

@@ -12,7 +12,14 @@ Which parameters become what (`plan_entries`): float parameters present in both 
 shape are selectable (sparse); parameters only the fine-tune has, or whose shape changed, travel
 as dense replacements (with a warning), as do those named by `dense` globs; integer and bool
 buffers (position ids, ...) are never deltas and are skipped; `include`/`exclude` rule parameters
-out entirely. Names are stored as the base spells them (`names.map_to_base`).
+out entirely. Names are stored as the base spells them (`names.NameMap`).
+
+`include`/`exclude` globs choose among the base's parameters. Parameters only the fine-tune has (a
+new head) are not theirs to drop: without them the applied model re-initializes that head. So a
+glob that matches any base parameter (`*LayerNorm*`) leaves them alone; only an `exclude` glob that
+matches no base parameter, i.e. one written for the new parameters (`cls.*` on a bare base),
+drops them, and every parameter dropped that way is reported. Whether a base and a fine-tune are
+related is judged on all their parameters, before any glob applies.
 """
 
 from __future__ import annotations
@@ -30,14 +37,14 @@ import numpy as np
 
 from . import __version__
 from . import format as fmt
+from . import kernels
 from .checkpoint import Checkpoint
 from .diff import DenseEntry, DiffMeta, SparseDiff, SparseEntry
-from .dtypes import FLOAT_DTYPES, STORAGE, from_float32, to_float32, to_float64, value_dtype
+from .dtypes import FLOAT_DTYPES, from_float32, to_float32, to_float64, value_dtype
 from .errors import FormatError, SftError, UsageError, VerificationError
-from .fingerprint import base_record
-from .names import infer_prefix, map_to_base, matches_any
+from .fingerprint import base_record, record_as_made_from
+from .names import NameMap, matches_any
 from .progress import progress_bar
-from .safetensors_io import SafetensorsFile
 from .select import TopK, per_tensor_count
 
 SCOPES = ("global", "per-tensor")
@@ -48,7 +55,7 @@ SLICE = 1 << 17
 TASK = 1 << 22
 # Worker threads of pass 1 and 2; numpy releases the GIL in the loops that matter.
 WORKERS = max(1, min(4, os.cpu_count() or 1))
-# Tensors pass 1 asks the kernel to read ahead of the one it scans (see `_Files`).
+# Tensors pass 1 asks the kernel to read ahead of the one it scans (`Checkpoint.read_ahead`).
 READ_AHEAD = 2
 # config.json fields that differ between any two saves and say nothing about the model.
 CONFIG_NOISE = frozenset({"transformers_version", "_name_or_path", "torch_dtype", "dtype", "_commit_hash",
@@ -74,21 +81,23 @@ class Plan:
     sparse: list[Pair] = field(default_factory=list)  # sorted by name
     dense: list[Pair] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    prefix: tuple[str, str] = ("", "")  # (added, removed): see names.infer_prefix
+    prefix: tuple[str, str] = ("", "")  # (added, removed): see names.NameMap
 
 
 def create_diff(base: Any, finetuned: Any, *, k: int | None = None, density: float | None = None,
                 scope: str = "global", include: Sequence[str] = (), exclude: Sequence[str] = (),
                 dense: Sequence[str] = (), dtype: str = "F32", user: dict | None = None,
-                progress: bool = False) -> SparseDiff:
+                progress: bool = False, base_checkpoint: Any = None) -> SparseDiff:
     """The top-k (or top-`density`) difference `finetuned − base` as an unsaved `SparseDiff`.
 
     `base`/`finetuned`: a checkpoint path, a `Checkpoint`, or an in-memory state dict. Warnings
     (dense entries made because the fine-tune added or resized a parameter, base parameters the
-    fine-tune lacks) are issued as `CreateWarning`.
+    fine-tune lacks) are issued as `CreateWarning`. `base_checkpoint` (a path or `Checkpoint`):
+    the checkpoint in-memory `base` tensors came from (perhaps only some of its tensors); the diff
+    then records its fingerprint and digests and spells names as it does.
     """
     stored_dtype = value_dtype(dtype)
-    _check_budget(k, density, scope)
+    check_budget(k, density, scope)
     base_ckpt, base_hint = _checkpoint(base)
     ft_ckpt, ft_hint = _checkpoint(finetuned)
     plan = plan_entries(base_ckpt, ft_ckpt, include=include, exclude=exclude, dense=dense)
@@ -97,6 +106,10 @@ def create_diff(base: Any, finetuned: Any, *, k: int | None = None, density: flo
 
     numels = [ft_ckpt.tensors[p.source].numel for p in plan.sparse]
     selectable = sum(numels)
+    if k is not None and k > selectable:  # a budget above everything there is: all of it, said once
+        warnings.warn(f"k={k:,} is more than the {selectable:,} selectable values; keeping every changed value "
+                      "(density 100%)", CreateWarning, stacklevel=2)
+        k = selectable
     if density is not None:
         fraction = float(density)
     else:
@@ -124,9 +137,12 @@ def create_diff(base: Any, finetuned: Any, *, k: int | None = None, density: flo
     for pair in plan.dense:
         entries[pair.name] = dense_entry(base_ckpt, ft_ckpt, pair)
 
-    touched = sorted(n for n in entries if n in base_ckpt.tensors)
+    if base_checkpoint is not None:
+        entries, made_from = record_as_made_from(base_checkpoint, base_ckpt, entries)
+    else:
+        made_from = base_record(base_ckpt, sorted(n for n in entries if n in base_ckpt.tensors), base_hint)
     meta = DiffMeta(
-        base=base_record(base_ckpt, touched, base_hint),
+        base=made_from,
         origin={
             "tool": f"sftdiff {__version__}", "method": "topk", "scope": scope,
             "k": int(sum(counts)), "nnz": sum(e.nnz for e in entries.values() if isinstance(e, SparseEntry)),
@@ -147,15 +163,18 @@ create = create_diff
 # ---------------------------------------------------------------- options and inputs
 
 
-def _check_budget(k: int | None, density: float | None, scope: str) -> None:
+def check_budget(k: int | None, density: float | None, scope: str, *, cli: bool = False) -> None:
+    """Refuse a budget that is not exactly one of k ≥ 0 and density in (0, 1] (`cli`: name the options)."""
+    k_name, d_name = ("-k", "--density") if cli else ("k", "density")
     if (k is None) == (density is None):
         raise UsageError("give exactly one of k (-k N) or density (--density D)")
     if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0):
-        raise UsageError(f"k must be a non-negative integer, got {k!r}")
+        raise UsageError(f"{k_name} must be a non-negative integer, got {k!r}")
     if density is not None and not 0 < density <= 1:
-        raise UsageError(f"density must be in (0, 1], got {density!r}")
+        raise UsageError(f"{d_name} must be in (0, 1], got {density!r}; e.g. {d_name} 0.01 keeps 1% of the values")
     if scope not in SCOPES:
         raise UsageError(f"unknown scope {scope!r}; use 'global' or 'per-tensor'")
+
 
 
 def _checkpoint(source: Any) -> tuple[Checkpoint, str | None]:
@@ -172,8 +191,9 @@ def _checkpoint(source: Any) -> tuple[Checkpoint, str | None]:
 def plan_entries(base: Checkpoint, ft: Checkpoint, *, include: Sequence[str] = (), exclude: Sequence[str] = (),
                  dense: Sequence[str] = ()) -> Plan:
     """Decide, from headers alone, which parameters are selectable, dense or skipped."""
-    mapping = map_to_base(base.tensors, ft.tensors)
-    added, removed = infer_prefix(base.tensors, ft.tensors)
+    name_map = NameMap(base.tensors, ft.tensors)
+    mapping = name_map.lookup(ft.tensors)
+    added, removed = name_map.added, name_map.stripped
     plan = Plan(prefix=(added, removed))
     ft_copies = ft.tied_copies(keep=lambda n: mapping.get(n) is not None)
     base_copies = base.tied_copies()
@@ -181,7 +201,10 @@ def plan_entries(base: Checkpoint, ft: Checkpoint, *, include: Sequence[str] = (
     def allowed(name: str) -> bool:
         return (not include or matches_any(name, include)) and not matches_any(name, exclude)
 
-    new, resized, claimed = [], [], {}
+    base_names = [n for n, t in base.tensors.items() if t.dtype in FLOAT_DTYPES and n not in base_copies]
+    new_only = [g for g in exclude if not any(matches_any(n, [g]) for n in base_names)]  # globs for new params
+
+    new, resized, claimed, dropped_new, matched = [], [], {}, [], []
     for source in sorted(ft.tensors):
         t = ft.tensors[source]
         if t.dtype not in FLOAT_DTYPES or source in ft_copies:
@@ -193,9 +216,13 @@ def plan_entries(base: Checkpoint, ft: Checkpoint, *, include: Sequence[str] = (
                                     "the checkpoint mixes prefixed and unprefixed copies of a parameter")
         claimed[name] = source
         b = base.tensors.get(target) if target is not None else None
+        if b is not None:
+            matched.append(Pair(name, source))
         if matches_any(name, dense):
             plan.dense.append(Pair(name, source, "requested"))
-        elif not allowed(name):
+        elif b is None and matches_any(name, new_only):
+            dropped_new.append(name)
+        elif b is not None and not allowed(name):
             continue
         elif b is None:
             plan.dense.append(Pair(name, source, "new"))
@@ -206,7 +233,7 @@ def plan_entries(base: Checkpoint, ft: Checkpoint, *, include: Sequence[str] = (
         else:
             plan.sparse.append(Pair(name, source))
 
-    _check_related(base, ft, plan, base_copies)
+    _check_related(base, ft, matched, base_names)
     missing = sorted(n for n, t in base.tensors.items()
                      if t.dtype in FLOAT_DTYPES and n not in base_copies and n not in claimed and allowed(n))
     if new:
@@ -216,6 +243,10 @@ def plan_entries(base: Checkpoint, ft: Checkpoint, *, include: Sequence[str] = (
     if missing:
         plan.notes.append(f"{len(missing)} base parameter(s) missing from the fine-tune, left unchanged: "
                           f"{_some(missing)}")
+    if dropped_new:
+        plan.notes.append(f"{len(dropped_new)} parameter(s) only in the fine-tune dropped by --exclude "
+                          f"{' '.join(repr(g) for g in new_only)}: {_some(dropped_new)}; a model the diff is "
+                          "applied to will initialize them afresh")
     plan.sparse.sort(key=lambda p: p.name)
     plan.dense.sort(key=lambda p: p.name)
     return plan
@@ -231,12 +262,12 @@ def _some(names: Sequence[str], limit: int = 4) -> str:
     return shown + (f", … ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def _check_related(base: Checkpoint, ft: Checkpoint, plan: Plan, base_copies: set[str]) -> None:
-    """Refuse pairs that are not a base and a fine-tune of it (another architecture or size)."""
-    base_float = [n for n, t in base.tensors.items() if t.dtype in FLOAT_DTYPES and n not in base_copies]
+def _check_related(base: Checkpoint, ft: Checkpoint, matched: Sequence[Pair], base_float: Sequence[str]) -> None:
+    """Refuse pairs that are not a base and a fine-tune of it (another architecture or size), judged
+    on every float parameter the two share by name (`matched`), whatever include/exclude keep."""
     if not base_float:
         raise VerificationError(f"base {base.hint or '(state dict)'} has no floating-point parameters")
-    by_name = [p for p in plan.sparse + plan.dense if p.name in base.tensors]
+    by_name = [p for p in matched if p.name in base.tensors]
     same_shape = [p for p in by_name if base.tensors[p.name].shape == ft.tensors[p.source].shape]
     if len(by_name) * 2 < len(base_float) or len(same_shape) * 2 < len(by_name):
         raise VerificationError(
@@ -311,86 +342,25 @@ def estimated_floor(base: Checkpoint, ft: Checkpoint, pairs: Sequence[Pair], k: 
     Blocks of 16K values (not more, smaller ones) keep the reads few when the files are not cached."""
     if k <= 0 or 4 * k >= total or 2 * k * sample < 100 * total:
         return 0.0
-    with _Files() as files:
-        def block_mags(pair: Pair) -> list[np.ndarray]:
-            t, f_dtype = base.tensors[pair.name], ft.tensors[pair.source].dtype
-            blocks = max(1, round(sample * t.numel / total / block))
-            out = []
-            for start in np.linspace(0, max(0, t.numel - block), blocks).astype(np.int64):
-                n = min(block, t.numel - int(start))
-                b = files.read(base, pair.name, int(start), n)
-                f = files.read(ft, pair.source, int(start), n)
-                out += [m.copy() for _, m in abs_delta_slices(b, t.dtype, f, f_dtype)]
-            base.release(pair.name)
-            ft.release(pair.source)
-            return out
+    def block_mags(pair: Pair) -> list[np.ndarray]:
+        t, f_dtype = base.tensors[pair.name], ft.tensors[pair.source].dtype
+        blocks = max(1, round(sample * t.numel / total / block))
+        out = []
+        for start in np.linspace(0, max(0, t.numel - block), blocks).astype(np.int64):
+            n = min(block, t.numel - int(start))
+            b = base.read(pair.name, int(start), n)  # pread: only the sampled bytes, not a read-around window
+            f = ft.read(pair.source, int(start), n)
+            out += [m.copy() for _, m in abs_delta_slices(b, t.dtype, f, f_dtype)]
+        base.release(pair.name)
+        ft.release(pair.source)
+        return out
 
-        with ThreadPoolExecutor(WORKERS) as pool:  # a cold disk serves concurrent reads faster
-            mags = [m for part in pool.map(block_mags, pairs) for m in part]
+    with ThreadPoolExecutor(WORKERS) as pool:  # a cold disk serves concurrent reads faster
+        mags = [m for part in pool.map(block_mags, pairs) for m in part]
     values = np.concatenate(mags)
     rank = len(values) - int(len(values) * 1.5 * k / total)
     hint = float(np.partition(values, rank)[rank]) if 0 <= rank < len(values) else 0.0
     return hint if np.isfinite(hint) else 0.0  # NaN/inf in the data: pass 1 reports it
-
-
-class _Files:
-    """Direct access to the tensors' bytes in safetensors files, beside the memory map.
-
-    On a cold page cache a page fault on the map reads a whole read-around window (read_ahead_kb,
-    often megabytes) and waits for it. So the floor estimate reads its scattered samples with
-    pread (only what it needs), and pass 1 asks the kernel to read the next tensors ahead
-    (posix_fadvise WILLNEED) while the current one is computed. Other checkpoints fall back to the
-    arrays they hand out."""
-
-    def __init__(self) -> None:
-        self._spans: dict[int, dict[str, tuple[str, int, int]]] = {}
-        self._fds: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def __enter__(self) -> "_Files":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-    def span(self, ckpt: Checkpoint, name: str) -> tuple[int, int, int] | None:
-        """(file descriptor, start, end) of a tensor's bytes, or None when not in a safetensors file."""
-        with self._lock:
-            spans = self._spans.get(id(ckpt))
-            if spans is None:
-                spans = self._spans[id(ckpt)] = {}
-                if ckpt.weight_files and all(f.endswith(".safetensors") for f in ckpt.weight_files):
-                    for file in ckpt.weight_files:
-                        for t in SafetensorsFile(file).tensors.values():
-                            spans[t.name] = (file, t.start, t.end)
-            where = spans.get(name)
-            if where is None or not hasattr(os, "pread"):
-                return None
-            file, start, end = where
-            if file not in self._fds:
-                self._fds[file] = os.open(file, os.O_RDONLY)
-            return self._fds[file], start, end
-
-    def read(self, ckpt: Checkpoint, name: str, offset: int, count: int) -> np.ndarray:
-        """`count` flat values of a tensor from `offset`, raw (BF16 as uint16)."""
-        where = self.span(ckpt, name)
-        if where is None:
-            return ckpt.array(name).reshape(-1)[offset:offset + count]
-        fd, start, _ = where
-        dtype = STORAGE[ckpt.tensors[name].dtype]
-        data = os.pread(fd, count * dtype.itemsize, start + offset * dtype.itemsize)
-        if len(data) != count * dtype.itemsize:
-            raise FormatError(f"{ckpt.tensors[name].file}: {name}: short read (file changed?)")
-        return np.frombuffer(data, dtype=dtype)
-
-    def read_ahead(self, ckpt: Checkpoint, name: str) -> None:
-        """Start reading a tensor into the page cache without waiting for it."""
-        where = self.span(ckpt, name)
-        if where is not None and hasattr(os, "posix_fadvise"):
-            fd, start, end = where
-            os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
 
 
 @dataclass
@@ -436,10 +406,10 @@ def select_positions(base: Checkpoint, ft: Checkpoint, pairs: Sequence[Pair], bu
 
     def read_ahead(i: int) -> None:  # the next tensors' bytes, while this one is scanned
         for pair in pairs[i:i + READ_AHEAD]:
-            files.read_ahead(base, pair.name)
-            files.read_ahead(ft, pair.source)
+            base.read_ahead(pair.name)
+            ft.read_ahead(pair.source)
 
-    with _Files() as files, ThreadPoolExecutor(WORKERS) as pool, ThreadPoolExecutor(1) as reader:
+    with ThreadPoolExecutor(WORKERS) as pool, ThreadPoolExecutor(1) as reader:
         try:
             reader.submit(read_ahead, 0)
             for i, pair in enumerate(_bar(pairs, "select", progress)):
@@ -485,6 +455,9 @@ def _scan(t: _Tensor, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
     """(ascending flat indices, |Δ| as float32) of the positions in [lo, hi) whose |Δ| reaches the
     TopK's floor (every nonzero one while it is 0). Runs in a worker thread."""
     threshold = _threshold_bits(t.top.floor)  # read once: the floor only rises, so an old one is safe
+    fused = kernels.scan(t.base_raw, t.base_dtype, t.ft_raw, t.ft_dtype, lo, hi, threshold)
+    if fused is not None:  # the compiled kernel (numba installed): the same result in one pass
+        return fused
     pairwise = t.base_dtype == t.ft_dtype == "BF16" and sys.byteorder == "little"
     step = _slice_size()
     scratch = _scratch(step)

@@ -76,9 +76,31 @@ def to_float64(raw: np.ndarray, dtype: str) -> np.ndarray:
     return to_float32(raw, dtype).astype(np.float64) if dtype != "F64" else np.asarray(raw)
 
 
+def round_to_odd_f32(x: np.ndarray) -> np.ndarray:
+    """float64 → float32 rounding toward zero with the last bit set when inexact ("round to odd").
+
+    float32 has more than twice BF16's and F16's precision plus two bits, so rounding this result
+    to BF16/F16 gives exactly what rounding `x` directly would: float64 → BF16 rounds once, where
+    going through the nearest float32 rounds twice (1 + 2⁻⁸ + 2⁻³⁰ would become 1.0, not 1.0078125).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow stays infinity, as direct rounding gives
+        r = x.astype(np.float32)
+        inexact = (r.astype(np.float64) != x) & np.isfinite(r)
+        overshot = inexact & (np.abs(r.astype(np.float64)) > np.abs(x))
+    bits = r.view(np.uint32).copy()
+    bits[overshot] -= 1  # one step toward zero (sign-magnitude bits)
+    bits[inexact] |= 1
+    return bits.view(np.float32)
+
+
 def from_float32(values: np.ndarray, dtype: str) -> np.ndarray:
-    """Round float32 (or float64) values once to `dtype`'s storage representation."""
+    """Round float32 (or float64) values once to `dtype`'s storage representation.
+
+    float64 input is rounded once too: to BF16 through `round_to_odd_f32`, to F16/F32 directly."""
     if dtype == "BF16":
+        if np.asarray(values).dtype == np.float64:
+            values = round_to_odd_f32(values)
         bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
         # Round to nearest even on the 16 bits dropped; NaNs become a quiet NaN keeping the sign.
         rounded = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16).astype(np.uint16)
@@ -95,6 +117,18 @@ def convert(raw: np.ndarray, src: str, dst: str) -> np.ndarray:
         return raw
     if dst == "F64":
         return to_float64(raw, src)
-    if src == "F64":
-        return from_float32(np.asarray(raw), dst) if dst == "BF16" else raw.astype(STORAGE[dst])
+    if src == "F64":  # from_float32 rounds float64 once, BF16 included
+        return from_float32(np.asarray(raw, dtype=np.float64), dst)
     return from_float32(to_float32(raw, src), dst)
+
+
+def scaled_delta(raw: np.ndarray, dtype: str, scale: float, work: np.dtype) -> np.ndarray:
+    """`scale · values` of a sparse entry as the apply rule computes it, in `work` (float32 or
+    float64): for F64 parameters the product is made in float64 too, so adding it to the weight
+    is the only rounding when scale is 1 and no float32 product is rounded on the way."""
+    values = to_float32(raw, dtype)
+    if work == np.float64:
+        values = values.astype(np.float64)
+    if scale != 1.0:
+        values = values * work.type(scale)
+    return values

@@ -82,3 +82,28 @@ def model_fingerprint(digests: dict[str, str]) -> str:
 def digest_conflicts(a: dict[str, str], b: dict[str, str]) -> list[str]:
     """Names whose base-tensor digests two diffs record differently (sorted)."""
     return sorted(n for n in a.keys() & b.keys() if a[n] != b[n])
+
+
+def record_as_made_from(checkpoint: Any, in_memory: Checkpoint, entries: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(entries renamed to `checkpoint`'s spelling, the `base` record of `checkpoint`) for a diff
+    computed from `in_memory` tensors that came from `checkpoint` (a path or `Checkpoint`): the
+    diff then matches the checkpoint's fingerprint and digests. A tensor whose dtype agrees in
+    both but whose digest does not shows they are not the same weights, and is refused."""
+    from .errors import VerificationError
+    from .names import NameMap
+
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.open(checkpoint)
+    mapping = NameMap(ckpt.tensors, entries).lookup(entries)
+    renamed = {mapping[n] or n: e for n, e in entries.items()}
+    for name, target in mapping.items():
+        if target is None or name not in in_memory.tensors:
+            continue
+        mine, theirs = in_memory.tensors[name], ckpt.tensors[target]
+        differs = tuple(mine.shape) != tuple(theirs.shape)
+        if not differs and mine.dtype == theirs.dtype:  # another dtype (a model loaded in float32) cannot be compared
+            differs = (tensor_digest(mine.dtype, mine.shape, in_memory.array(name))
+                       != tensor_digest(theirs.dtype, theirs.shape, ckpt.array(target)))
+        if differs:
+            raise VerificationError(f"base_checkpoint {ckpt.hint or ''}: its tensor {target!r} is not the base tensor "
+                                    f"{name!r} given in memory; pass the checkpoint the base tensors came from")
+    return renamed, base_record(ckpt, sorted(n for n in renamed if n in ckpt.tensors))

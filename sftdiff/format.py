@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,10 @@ FORMAT_NAME = "sft"
 FORMAT_MAJOR = 1
 FORMAT_MINOR = 0
 FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
+
+# format_version: MAJOR.MINOR, each a decimal integer in ASCII digits without sign or leading zeros
+# (spec section 4). `[0-9]`, not `\d`, which would also take Arabic-Indic or full-width digits.
+VERSION_GRAMMAR = re.compile(r"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")
 
 INDICES, VALUES, DENSE = "indices/", "values/", "dense/"
 INT32_LIMIT = 2**31  # parameters with at least this many elements use I64 indices
@@ -62,16 +67,20 @@ def decode_metadata(metadata: dict[str, str]) -> dict[str, Any]:
     if metadata.get("format") != FORMAT_NAME:
         raise FormatError(f"not an .sft file (__metadata__ format is {metadata.get('format')!r}, expected 'sft')")
     version = metadata.get("format_version", "")
-    try:
-        major, minor = (int(p) for p in version.split("."))
-    except ValueError:
-        raise FormatError(f"format_version {version!r} is not MAJOR.MINOR") from None
-    if major != FORMAT_MAJOR:
+    match = VERSION_GRAMMAR.fullmatch(version)
+    if match is None:
+        raise FormatError(f"format_version {version[:40]!r} is not MAJOR.MINOR (ASCII digits, no sign, "
+                          "spaces or leading zeros, e.g. '1.0')")
+    if match.group(1) != str(FORMAT_MAJOR):  # compared as text: a 5000-digit MAJOR is not an int to parse
         raise FormatError(
-            f"format version {version} is not supported (this sftdiff reads {FORMAT_MAJOR}.x); upgrade sftdiff"
+            f"format version {version[:40]} is not supported (this sftdiff reads {FORMAT_MAJOR}.x); upgrade sftdiff"
         )
     try:
-        sft = json.loads(metadata.get("sft", ""), parse_constant=_reject_constant, parse_float=_finite_float)
+        sft = json.loads(metadata.get("sft", ""), parse_constant=_reject_constant, parse_float=_finite_float,
+                         object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise FormatError(f"metadata 'sft' has the key {e.args[0][:80]!r} twice in one object; readers could "
+                          "disagree on which one counts") from None
     except (json.JSONDecodeError, ValueError, RecursionError) as e:
         raise FormatError(f"metadata 'sft' is not valid JSON ({e})") from None
     if not isinstance(sft, dict):
@@ -82,6 +91,20 @@ def decode_metadata(metadata: dict[str, str]) -> dict[str, Any]:
         raise FormatError("metadata 'sft' holds a lone surrogate escape, which is not valid Unicode") from None
     _check_types(sft)
     return sft
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Refuse duplicate keys (json.loads lets the last win), as the safetensors header does."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
 
 
 def _reject_constant(name: str) -> Any:

@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from .diff import DenseEntry, SparseDiff, SparseEntry
+from . import swap
+from .diff import DenseEntry, SparseDiff
 from .errors import UsageError, VerificationError
-from .names import map_to_base
+from .names import NameMap
 
 
 @dataclass
@@ -37,7 +38,9 @@ def apply_to_model(model: Any, diff: SparseDiff, scale: float = 1.0, with_dense:
     place, on their device. Returns the record `revert_from_model` uses to undo it exactly.
 
     Each touched value is computed as round(float32(w) + scale × v): the same single rounding
-    `bake` does for one diff. Base digests are not checked here; shapes and names are: an entry
+    `bake` does for one diff. Several diffs applied one after the other follow the composition
+    rule of `bake` (`compose.py`): a dense entry replaces what earlier diffs did, later sparse
+    entries add onto it, scales never apply to dense values (config patches are `bake`'s only). Base digests are not checked here; shapes and names are: an entry
     for a parameter the model lacks raises, or with `strict=False` is skipped (a language diff's
     MLM-head or pooler entries on a task model) and listed in the record's `skipped`.
     """
@@ -53,12 +56,7 @@ def apply_to_model(model: Any, diff: SparseDiff, scale: float = 1.0, with_dense:
                 record.dense[target] = t.detach().clone()
                 t.copy_(torch.from_numpy(np.array(entry.values_f32())).to(t.device).reshape(t.shape))
                 continue
-            flat = _flat(t)
-            idx, delta = _torch_delta(entry, scale, t.device)
-            original = flat[idx].clone()
-            flat[idx] = (original.to(_wide(t.dtype)) + delta).to(t.dtype)
-            _store(t, flat)
-            record.sparse[target] = (idx, delta, original)
+            record.sparse[target] = swap.add_sparse(t, diff, name, entry, float(scale))
     return record
 
 
@@ -79,14 +77,8 @@ def revert_from_model(model: Any, diff: "SparseDiff | AppliedDiff", scale: float
         if isinstance(diff, AppliedDiff):
             for target, original in diff.dense.items():
                 tensors[target].copy_(original)
-            for target, (idx, delta, original) in diff.sparse.items():
-                t = tensors[target]
-                flat = _flat(t)
-                current = flat[idx]
-                applied = (original.to(_wide(t.dtype)) + delta).to(t.dtype)
-                subtracted = (current.to(_wide(t.dtype)) - delta).to(t.dtype)
-                flat[idx] = torch.where(current == applied, original, subtracted)
-                _store(t, flat)
+            for target, item in diff.sparse.items():
+                swap.restore(tensors[target], item)
             return
         for name, target in _resolve(tensors, diff, with_dense, strict, []):
             entry = diff.entries[name]
@@ -95,11 +87,7 @@ def revert_from_model(model: Any, diff: "SparseDiff | AppliedDiff", scale: float
                     f"cannot revert dense entry {name!r} from the diff alone (the replaced values are gone); "
                     f"pass the record apply_to_model returned, or with_dense=False"
                 )
-            t = tensors[target]
-            flat = _flat(t)
-            idx, delta = _torch_delta(entry, scale, t.device)
-            flat[idx] = (flat[idx].to(_wide(t.dtype)) - delta).to(t.dtype)
-            _store(t, flat)
+            swap.subtract_sparse(tensors[target], diff, name, entry, float(scale))
 
 
 def _model_tensors(model: Any) -> dict[str, Any]:
@@ -114,14 +102,14 @@ def _model_tensors(model: Any) -> dict[str, Any]:
 def _resolve(tensors: dict[str, Any], diff: SparseDiff, with_dense: bool, strict: bool,
              skipped: list[str]) -> list[tuple[str, str]]:
     """(entry name, model name) pairs to change, checked for presence, shape and tied duplicates."""
-    mapping = map_to_base(tensors, diff.entries)
+    name_map = NameMap(tensors, diff.entries)
     pairs = []
     seen: dict[int, str] = {}
     for name in diff.entries:
         info = diff.info(name)
         if info.kind == "dense" and not with_dense:
             continue
-        target = mapping[name]
+        target = name_map.to_ref(name)
         if target is None:
             if not strict:
                 skipped.append(name)
@@ -141,29 +129,3 @@ def _resolve(tensors: dict[str, Any], diff: SparseDiff, with_dense: bool, strict
         seen[key] = name
         pairs.append((name, target))
     return pairs
-
-
-def _torch_delta(entry: SparseEntry, scale: float, device: Any) -> tuple[Any, Any]:
-    import torch
-
-    idx = torch.from_numpy(np.asarray(entry.indices, dtype=np.int64)).to(device)
-    delta = torch.from_numpy(np.array(entry.values_f32(), dtype=np.float32)).to(device)
-    if scale != 1.0:
-        delta = delta * scale
-    return idx, delta
-
-
-def _wide(dtype: Any) -> Any:
-    import torch
-
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _flat(t: Any) -> Any:
-    """A flat view of `t` (a contiguous copy for the rare non-contiguous parameter)."""
-    return t.view(-1) if t.is_contiguous() else t.reshape(-1).clone()
-
-
-def _store(t: Any, flat: Any) -> None:
-    if not t.is_contiguous():
-        t.copy_(flat.view(t.shape))

@@ -1,55 +1,94 @@
-"""Matching parameter names across checkpoints that differ by the base-model prefix.
+"""The one place that decides how parameter names of two sides relate across the base-model prefix.
 
 A bare `BertModel` spells `encoder.layer.0...`, a `BertForMaskedLM` fine-tuned from it
-`bert.encoder.layer.0...`; Llama uses `model.`. Like transformers' loader (which decides per key:
-strip the prefix if the stripped name exists, add it if the prefixed name exists), names are
-matched one by one; the prefix is inferred from the names themselves, since file-level commands
-do not import the model classes.
+`bert.encoder.layer.0...`; Llama uses `model.`, RoBERTa `roberta.`. transformers' loader knows the
+prefix from the model class and decides per key (keep a key the model has; else strip the prefix,
+or add it, when that gives a key the model has). File-level commands do not import model classes,
+so the prefix is inferred once from the names themselves, and then the same per-key rule is used.
+
+`NameMap(ref, other)` is that decision for one pair of name sets: `ref` is the side whose spelling
+wins (a base checkpoint, a model, the first operand of the algebra), `other` the side being
+matched to it (a diff, a fine-tune, another operand). Every command and importer builds one and
+asks it, instead of re-inferring the prefix itself.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from typing import Iterable
+from typing import Iterable, Mapping, TypeVar
+
+V = TypeVar("V")
 
 
-def infer_prefix(base: Iterable[str], other: Iterable[str]) -> tuple[str, str]:
-    """The prefix to add to base names ("bert.", ...) and the one to strip from them.
+class NameMap:
+    """How names of `other` correspond to names of `ref` (built once, consulted per key).
 
-    Returns (added, stripped): `other` names are `added + base name` or base names are
-    `stripped + other name`; at most one is non-empty.
+    Attributes: `prefix` (the base-model prefix relating the two, "" if none), and its direction
+    as the old API spelled it: `added` (other spells ref's names with the prefix: ref is bare) or
+    `stripped` (ref spells other's names with it: ref is prefixed); at most one is non-empty.
     """
-    base, other = set(base), set(other)
-    if base & other and len(base & other) * 2 >= min(len(base), len(other)):
+
+    def __init__(self, ref: Iterable[str], other: Iterable[str]):
+        self.ref = frozenset(ref)
+        other = list(dict.fromkeys(other))
+        self.prefix, direction = _infer(self.ref, other)
+        self.added = self.prefix if direction == "added" else ""
+        self.stripped = self.prefix if direction == "stripped" else ""
+
+    def to_ref(self, name: str) -> str | None:
+        """`name` as `ref` spells it, or None if `ref` has no such parameter (transformers' per-key
+        rule: the name itself, else without the prefix, else with it)."""
+        if name in self.ref:
+            return name
+        p = self.prefix
+        if p:
+            if name.startswith(p) and name[len(p):] in self.ref:
+                return name[len(p):]
+            if p + name in self.ref:
+                return p + name
+        return None
+
+    def spell(self, name: str) -> str:
+        """`name` in `ref`'s spelling; a parameter `ref` lacks (a new head, the pooler of a bare
+        base) keeps its name minus a prefix `ref` does not use (heads carry no prefix)."""
+        target = self.to_ref(name)
+        if target is not None:
+            return target
+        if self.added and name.startswith(self.added) and len(name) > len(self.added):
+            return name[len(self.added):]
+        return name
+
+    def lookup(self, names: Iterable[str]) -> dict[str, str | None]:
+        """name -> `to_ref(name)` for each of `names`."""
+        return {name: self.to_ref(name) for name in names}
+
+    def respell(self, items: Mapping[str, V]) -> dict[str, V]:
+        """`items` keyed by `spell(name)` (e.g. a diff's recorded base digests, in `ref`'s spelling)."""
+        return {self.spell(name): value for name, value in items.items()}
+
+    def __repr__(self) -> str:
+        return f"NameMap(prefix={self.prefix!r}, added={self.added!r}, stripped={self.stripped!r})"
+
+
+def _infer(ref: frozenset[str], other: list[str]) -> tuple[str, str]:
+    """(prefix, "added" | "stripped" | "") relating `other` to `ref`: the `head.` that turns the
+    most names of `other` that `ref` lacks into names `ref` has, by stripping or by adding it.
+
+    Decided over the unmatched names only, so a diff mixing spellings (an `add` of a bare and a
+    prefixed diff that touch different tensors) still finds its prefix."""
+    unmatched = [n for n in other if n not in ref]
+    if not unmatched:
         return "", ""
+    heads = sorted({n.split(".", 1)[0] + "." for n in list(ref) + unmatched if "." in n})
     best = ("", "", 0)
-    heads = {n.split(".", 1)[0] + "." for n in base | other if "." in n}
-    for p in sorted(heads):
-        added = sum(1 for n in base if p + n in other)
-        stripped = sum(1 for n in other if p + n in base)
+    for p in heads:
+        added = sum(1 for n in unmatched if n.startswith(p) and n[len(p):] in ref)
+        stripped = sum(1 for n in unmatched if p + n in ref)
         if added > best[2]:
-            best = (p, "", added)
+            best = (p, "added", added)
         if stripped > best[2]:
-            best = ("", p, stripped)
+            best = (p, "stripped", stripped)
     return best[0], best[1]
-
-
-def map_to_base(base: Iterable[str], other: Iterable[str]) -> dict[str, str | None]:
-    """For each name in `other`, the base name it corresponds to (None if the base lacks it)."""
-    base = set(base)
-    other = list(other)
-    added, stripped = infer_prefix(base, other)
-    out: dict[str, str | None] = {}
-    for name in other:
-        if name in base:
-            out[name] = name
-        elif added and name.startswith(added) and name[len(added):] in base:
-            out[name] = name[len(added):]
-        elif stripped and stripped + name in base:
-            out[name] = stripped + name
-        else:
-            out[name] = None
-    return out
 
 
 def matches_any(name: str, globs: Iterable[str]) -> bool:

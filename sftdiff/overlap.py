@@ -4,7 +4,8 @@ Used for interference analysis (does a task SFT touch what a language SFT touche
 same way?). Per tensor and in total: shared indices, Jaccard index, the shared part relative to
 each side, cosine similarity and sign agreement of the values on the shared indices, and each
 side's L2 norm there. Ratios that would divide by zero are None. Dense entries are not compared
-(they are listed in `dense_skipped`). Memory: one tensor's entries at a time.
+(they are listed in `dense_skipped`). Memory: one tensor's entries at a time. Entries are matched
+by parameter across the base-model prefix (`algebra.align`), and reported as A spells them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .algebra import check_same_base, check_sparse_shapes, label_of
+from .algebra import align, check_same_base, check_sparse_shapes, label_of
 from .diff import SparseDiff, SparseEntry
 
 
@@ -151,18 +152,19 @@ def _cells(r: OverlapCounts) -> tuple[str, ...]:
 def overlap(a: SparseDiff, b: SparseDiff, *, ignore_base: bool = False) -> OverlapReport:
     """Compare two diffs of the same base (refused otherwise, unless `ignore_base`)."""
     labels = [label_of(a, 0), label_of(b, 1)]
+    al = align([a, b], labels)
     if not ignore_base:
-        check_same_base([a, b], labels)
-    check_sparse_shapes([a, b], labels)
-    kinds_a = {i.name: i.kind for i in a.infos()}
-    kinds_b = {i.name: i.kind for i in b.infos()}
+        check_same_base([a, b], labels, al)
+    check_sparse_shapes([a, b], labels, al)
     rows, dense = [], []
-    for name in sorted(kinds_a.keys() | kinds_b.keys()):
-        if "dense" in (kinds_a.get(name), kinds_b.get(name)):
+    for name in sorted(al.names):
+        held = dict(al.names[name])
+        infos = {i: (a, b)[i].info(n) for i, n in held.items()}
+        if any(info.kind == "dense" for info in infos.values()):
             dense.append(name)
             continue
-        rows.append(entry_overlap(name, a.entries[name] if name in kinds_a else None,
-                                  b.entries[name] if name in kinds_b else None))
+        rows.append(entry_overlap(name, a.entries[held[0]] if 0 in held else None,
+                                  b.entries[held[1]] if 1 in held else None))
     return OverlapReport(labels[0], labels[1], rows, total("(total)", rows), dense)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from .atomic import atomic_path
 from .diff import SparseDiff
-from .errors import SftError
+from .errors import SftError, UsageError
 
 NO_LAYER = "no layer"
 _LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
@@ -74,12 +74,25 @@ def density_grid(counts: Iterable[tuple[str, int, int]]) -> tuple[list[str], lis
     return [row_label(x) for x in layers], modules, grid
 
 
+MISSING_MATPLOTLIB = "--plot needs matplotlib, which is not installed; install it with: pip install 'sftdiff[plot]'"
+
+
+def require_matplotlib() -> None:
+    """Raise `UsageError` (exit 2) unless matplotlib can be imported: commands call this before
+    any work, so a missing optional dependency is one line, not a failure after the results."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError(MISSING_MATPLOTLIB) from None
+
+
 def _figure(width: float, height: float) -> Any:
+    require_matplotlib()
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise SftError("--plot needs matplotlib, which is not installed; install it with: pip install 'sftdiff[plot]'") from None
+        raise UsageError(MISSING_MATPLOTLIB) from None
     fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     return fig

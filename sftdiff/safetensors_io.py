@@ -91,8 +91,13 @@ class SafetensorsFile:
         raw = f.read(n)
         if raw[:1] != b"{":
             raise FormatError("header does not start with '{' (not a safetensors file?)")
+        # The spec allows only spaces (0x20) after the JSON object; json.loads would also take
+        # tabs and newlines, so two readers could disagree on what a valid file is.
+        body = raw.rstrip(b" ")
+        if body[-1:] != b"}":
+            raise FormatError("header JSON is followed by bytes other than spaces (only 0x20 may pad it)")
         try:
-            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+            header = json.loads(body.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
         except (ValueError, RecursionError) as e:  # ValueError: bad UTF-8/JSON, or an integer of > 4300 digits
             raise FormatError(f"header is not valid UTF-8 JSON ({e.__class__.__name__})") from None
         if not isinstance(header, dict):
@@ -103,7 +108,9 @@ class SafetensorsFile:
             raise FormatError("header holds a lone surrogate escape (\\ud800-\\udfff), which is not valid Unicode") from None
         data_start = 8 + n
         data_len = size - data_start
-        metadata = header.pop(METADATA_KEY, None) or {}
+        metadata = header.pop(METADATA_KEY, None)
+        if metadata is None:  # absent, or null as the reference implementation allows
+            metadata = {}
         if not isinstance(metadata, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
         ):
@@ -151,8 +158,8 @@ def _tensor_info(name: str, info: object, data_start: int, data_len: int) -> Ten
     if not isinstance(info, dict) or set(info) - {"dtype", "shape", "data_offsets"} or len(info) != 3:
         raise FormatError(f"tensor {name!r}: entry must have exactly dtype, shape and data_offsets")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in STORAGE:
-        raise FormatError(f"tensor {name!r}: unsupported dtype {dtype!r}")
+    if not isinstance(dtype, str) or dtype not in STORAGE:  # a list or object is unhashable: check the type first
+        raise FormatError(f"tensor {name!r}: unsupported dtype {str(dtype)[:40]!r}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise FormatError(f"tensor {name!r}: shape must be a list of non-negative integers")
     if (

@@ -7,12 +7,17 @@ token, 10% a random token, 10% stay. A `torch.Generator` makes it reproducible f
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import FormatError, UsageError
+from .errors import FormatError, OutputError, UsageError
 
-OBJECTIVES = ("mlm", "clm")
+# Objective -> the transformers auto class that loads a model for it. A new objective (a task:
+# token classification, ...) adds its class here, its batches beside `lm_batches`, and trains its
+# new head densely like the MLM head: `train`/`retrain` store parameters the base lacks as dense entries.
+MODEL_CLASSES = {"mlm": "AutoModelForMaskedLM", "clm": "AutoModelForCausalLM"}
+OBJECTIVES = tuple(MODEL_CLASSES)
 MLM_PROBABILITY = 0.15
 
 
@@ -27,27 +32,105 @@ def pick_device(device: str) -> str:
     return device
 
 
-def load_language_model(base: str, objective: str) -> tuple[Any, Any]:
-    """(model, tokenizer) from an HF folder: a masked-LM for `mlm` (a head the base lacks is newly
-    initialized), a causal LM for `clm`."""
-    import transformers
+# Model types whose position ids start after the padding index (RoBERTa's convention), so
+# max_position_embeddings counts pad_token_id + 1 positions no token can use.
+PADDING_OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer",
+                                      "data2vec-text", "roberta-prelayernorm", "ibert", "luke", "mpnet", "markuplm"})
 
-    path = Path(base)
-    if not (path / "config.json").is_file():
+
+def read_config(base: str) -> dict[str, Any]:
+    """config.json of an HF model folder (before anything heavy is loaded)."""
+    import json
+
+    path = Path(base) / "config.json"
+    if not path.is_file():
         raise FormatError(f"{base}: not a model folder with config.json (BASE must be a Hugging Face model folder)")
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(base)
+        config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise FormatError(f"{base}: no usable tokenizer ({str(e).splitlines()[0][:200]})") from None
-    auto = transformers.AutoModelForMaskedLM if objective == "mlm" else transformers.AutoModelForCausalLM
+        raise FormatError(f"{path}: not a readable JSON config ({e.__class__.__name__})") from None
+    if not isinstance(config, dict):
+        raise FormatError(f"{path}: not a JSON object")
+    return config
+
+
+def check_objective(config: dict[str, Any], objective: str, base: str) -> None:
+    """Refuse an objective the architecture cannot train honestly: causal LM on an encoder (it
+    would see the tokens it predicts), masked LM on a decoder-only model."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    kind = config.get("model_type")
+    if not isinstance(kind, str):
+        return  # transformers decides from the architecture when loading
+    masked, causal = kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES, kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if objective == "mlm" and not masked:
+        what = "a decoder-only (causal) model" if causal else "a model transformers has no masked-LM head for"
+        raise UsageError(f"{base}: --objective mlm needs an encoder, but this {kind} checkpoint is {what}"
+                         + ("; use --objective clm" if causal else ""))
+    encoder = masked and not any(config.get(flag) for flag in ("is_decoder", "is_encoder_decoder", "causal"))
+    if objective == "clm" and (encoder or not causal):
+        what = ("an encoder (bidirectional attention: a causal LM objective would let it see the tokens it "
+                "predicts)" if encoder else "a model transformers has no causal-LM head for")
+        raise UsageError(f"{base}: --objective clm needs a decoder, but this {kind} checkpoint is {what}"
+                         + ("; use --objective mlm" if masked else ""))
+
+
+def max_block_length(config: dict[str, Any]) -> int | None:
+    """The longest token block the model has positions for (None: no learned limit in the config)."""
+    limit = next((config[key] for key in ("max_position_embeddings", "n_positions", "max_sequence_length")
+                  if isinstance(config.get(key), int) and config[key] > 0), None)
+    if limit is not None and config.get("model_type") in PADDING_OFFSET_POSITIONS:
+        limit -= int(config.get("pad_token_id") or 0) + 1
+    return limit
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load reports and progress bars (restored afterwards): the caller
+    says what matters in one line."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
-        model = auto.from_pretrained(base)
-    except ValueError as e:
-        raise FormatError(f"{base}: cannot build a {objective.upper()} model from it "
-                          f"({str(e).splitlines()[0][:200]})") from None
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_language_model(base: str, objective: str) -> tuple[Any, Any]:
+    """(model, tokenizer) from an HF folder: a masked-LM for `mlm` (a head the base lacks is newly
+    initialized), a causal LM for `clm`. transformers' own load report is silenced."""
+    import transformers
+
+    config = read_config(base)
+    check_objective(config, objective, base)
+    with quiet_transformers():
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(base)
+        except (OSError, ValueError) as e:
+            raise FormatError(f"{base}: no usable tokenizer ({str(e).splitlines()[0][:200]})") from None
+        auto = getattr(transformers, MODEL_CLASSES[objective])
+        try:
+            model = auto.from_pretrained(base)
+        except ValueError as e:
+            raise FormatError(f"{base}: cannot build a {objective.upper()} model from it "
+                              f"({str(e).splitlines()[0][:200]})") from None
     if objective == "mlm" and tokenizer.mask_token_id is None:
         raise FormatError(f"{base}: the tokenizer has no mask token, so --objective mlm is impossible; try clm")
     return model, tokenizer
+
+
+def check_text_file(path: str) -> None:
+    """Refuse a missing path or a folder in one line (before anything is loaded)."""
+    if not Path(path).exists():
+        raise FormatError(f"{path}: no such file; give a plain UTF-8 text file")
+    if Path(path).is_dir():
+        raise FormatError(f"{path}: is a folder; give a plain UTF-8 text file")
 
 
 def read_blocks(path: str, tokenizer: Any, seq_len: int, objective: str) -> Any:
@@ -55,10 +138,13 @@ def read_blocks(path: str, tokenizer: Any, seq_len: int, objective: str) -> Any:
     by the tokenizer's special tokens ([CLS] … [SEP] for MLM, BOS … for CLM); the tail is dropped."""
     import torch
 
+    check_text_file(path)
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise FormatError(f"{path}: cannot read as UTF-8 text ({e.__class__.__name__})") from None
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{path}: not UTF-8 text (byte {e.start}); give a plain UTF-8 text file") from None
+    except OSError as e:
+        raise OutputError(f"{path}: cannot read it ({e.strerror or e.__class__.__name__})") from None
     texts = [line for line in lines if line.strip()]
     rows = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
     ids = [i for row in rows for i in row]
@@ -109,6 +195,10 @@ class LMBatches:
             self.blocks = blocks[(~torch.isin(blocks, self.special)).any(dim=1)]
             if len(self.blocks) == 0:
                 raise FormatError("no block of the corpus has a token that masked LM can predict")
+
+    def restart(self) -> None:
+        """Back to the first pass: the next iteration shuffles and masks as the first one did."""
+        self.passes = 0
 
     def __len__(self) -> int:
         return (len(self.blocks) + self.batch_size - 1) // self.batch_size

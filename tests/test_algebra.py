@@ -251,30 +251,57 @@ def test_overflow_is_a_clear_error():
 def test_dense_policies():
     d1 = diff_of({"h": DenseEntry(np.full((2, 2), 1.0, dtype=np.float32)), "w": sparse((4,), [0], [1])})
     d2 = diff_of({"h": DenseEntry(np.full((2, 2), 3.0, dtype=np.float32))})
-    with pytest.raises(VerificationError, match="--dense"):
-        add(d1, d2)
-    assert add(d1, d2, dense="first").entries["h"].values_f32().tolist() == [[1, 1], [1, 1]]
-    assert add(d1, d2, dense="last").entries["h"].values_f32().tolist() == [[3, 3], [3, 3]]
+    notes = []
+    # "last" (the default) is apply's rule: the later dense entry wins, with a warning.
+    assert add(d1, d2, warn=notes.append).entries["h"].values_f32().tolist() == [[3, 3], [3, 3]]
+    assert len(notes) == 1 and "overwritten" in notes[0] and "h (operand 1" in notes[0]
+    with pytest.raises(VerificationError, match="--dense last"):
+        add(d1, d2, dense="error")
+    with pytest.raises(UsageError, match="first is gone.*sftdiff filter"):
+        add(d1, d2, dense="first")
     assert add(d1, d2, dense="sum", weights=[0.5, 0.5]).entries["h"].values_f32().tolist() == [[2, 2], [2, 2]]
-    # A sparse delta for a parameter another operand replaces is added onto the replacement.
+    # A sparse delta after the dense entry is added onto it (weighted); weights never scale dense values.
     s = diff_of({"h": sparse((2, 2), [3], [10])})
-    assert add(d1, s).entries["h"].values_f32().tolist() == [[1, 1], [1, 11]]
-    with pytest.raises(VerificationError, match="cannot combine shapes"):
+    assert add(d1, s, weights=[3, 0.5]).entries["h"].values_f32().tolist() == [[1, 1], [1, 6]]
+    # ...but one before it is overwritten (issue 12: it used to give B + A's sparse values).
+    assert add(s, d1).entries["h"].values_f32().tolist() == [[1, 1], [1, 1]]
+    with pytest.raises(VerificationError, match="--dense last"):
+        add(s, d1, dense="error")
+    with pytest.raises(VerificationError, match="shape"):
         add(d1, diff_of({"h": sparse((4,), [3], [10])}))
-    with pytest.raises(VerificationError, match="dense"):
-        subtract(d2, d1)
+    add(diff_of({"h": sparse((4,), [3], [10])}), d1, warn=notes.append)  # overwritten: its shape does not matter
     # scale and prune leave replacement values alone
     assert scale(d1, 2).entries["h"].values_f32().tolist() == [[1, 1], [1, 1]]
 
 
-def test_config_patch_follows_the_dense_policy():
+def test_subtract_removes_the_same_dense_entries_and_refuses_what_it_cannot_express():
+    head = DenseEntry(np.full((2, 2), 1.0, dtype=np.float32))
+    lang = diff_of({"h": head, "w": sparse((4,), [0, 1], [1, 2])})
+    task = diff_of({"c": DenseEntry(np.full((3,), 5.0, dtype=np.float32)), "w": sparse((4,), [1, 2], [1, 1])})
+    both = add(lang, task)
+    back = subtract(both, lang)
+    assert sorted(back.entries) == ["c", "w"]
+    assert back.entries["w"].indices.tolist() == [1, 2] and back.entries["w"].values_f32().tolist() == [1, 1]
+    with pytest.raises(VerificationError, match=r"does not replace it.*sftdiff filter .*--exclude 'h'"):
+        subtract(task, lang)
+    other = diff_of({"h": DenseEntry(np.full((2, 2), 2.0, dtype=np.float32))})
+    with pytest.raises(VerificationError, match="different dense values.*sftdiff filter"):
+        dict(subtract(both, other).entries)
+    # A dense entry minus a sparse delta: applying the result, then B, gives A back.
+    minus = subtract(lang, diff_of({"h": sparse((2, 2), [0], [0.5])}))
+    assert minus.entries["h"].values_f32().tolist() == [[0.5, 1], [1, 1]]
+
+
+def test_config_patches_later_wins_with_a_warning():
     a = SparseDiff({"w": sparse((2,), [0], [1])}, DiffMeta(base={"fingerprint": FP}, config_patch={"num_labels": 3, "x": 1}))
     b = SparseDiff({"w": sparse((2,), [1], [1])}, DiffMeta(base={"fingerprint": FP}, config_patch={"num_labels": 5}))
-    with pytest.raises(VerificationError, match="num_labels"):
-        add(a, b)
-    assert add(a, b, dense="last").meta.config_patch == {"num_labels": 5, "x": 1}
-    assert add(a, b, dense="first").meta.config_patch == {"num_labels": 3, "x": 1}
+    notes = []
+    for policy in ("last", "error", "sum"):
+        assert add(a, b, dense=policy, warn=notes.append).meta.config_patch == {"num_labels": 5, "x": 1}
+    assert len(notes) == 3 and all("'num_labels'" in n and "operand 1" in n and "operand 2" in n for n in notes)
     assert subtract(a, b).meta.config_patch == a.meta.config_patch
+    # keys B patches to the same value are B's: subtracting B takes them out
+    assert subtract(add(a, b, warn=notes.append), b).meta.config_patch == {"x": 1}
 
 
 def test_user_fields_kept_where_operands_agree():
@@ -341,8 +368,8 @@ def test_lazy_entries_compute_once_when_cached_and_hide_empty_results():
 
     cached = LazyEntries(["b", "gone", "a"], compute)
     assert list(cached) == ["a", "b"] and "gone" not in cached
-    cached["a"], cached["b"]
-    assert sorted(calls) == ["a", "b", "gone"]
+    cached["a"], cached["b"], cached["a"], cached.infos["a"]
+    assert sorted(calls) == ["a", "b", "gone"] and cached.computed == 3
     calls.clear()
     uncached = LazyEntries(["a"], compute, cache_bytes=0)
     list(uncached), uncached["a"]

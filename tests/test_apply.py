@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -90,9 +91,9 @@ def test_bake_equals_in_memory_and_task_head_loads(apply_bert, tmp_path, capsys)
         assert torch.equal(merged(ids).logits, expected(ids).logits)
     assert (out / "vocab.txt").read_text() == "[PAD]\n[UNK]\nhello\n"
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["config.json", "model.safetensors", "vocab.txt"]
+    assert files == ["README.md", "config.json", "model.safetensors", "vocab.txt"]  # README.md: the model card
     st = SafetensorsFile(out / "model.safetensors")
-    assert st.metadata == {"format": "pt"}
+    assert st.metadata["format"] == "pt" and set(st.metadata) == {"format", "sftdiff.recipe"}  # tests/test_recipe.py
     # Base names kept as the base spells them; the head keeps its own names (mixed naming).
     base = Checkpoint.open(base_dir)
     assert set(st.tensors) == set(base.tensors) | {"classifier.weight", "classifier.bias"}
@@ -212,7 +213,7 @@ def test_bin_base_becomes_safetensors(tmp_path):
     base = Checkpoint.open(tmp_path / "base")
     diff = random_diff(base, seed=11)
     bake(tmp_path / "base", [diff], tmp_path / "m")
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["README.md", "config.json", "model.safetensors"]
     apply_to_model(model, diff)
     got = state_numpy(transformers.BertModel.from_pretrained(tmp_path / "m"))
     for name, want in state_numpy(model).items():
@@ -286,7 +287,8 @@ def test_interrupted_bake_leaves_no_output(apply_bert, tmp_path):
     root, base_dir = apply_bert
     out = tmp_path / "m"
     slow = (
-        "import sys, time, sftdiff.bake as b\n"
+        "import importlib, sys, time\n"
+        "b = importlib.import_module(\"sftdiff.bake\")\n"
         "orig = b._write_tensor\n"
         "def slow(*a):\n"
         "    time.sleep(0.05)\n"
@@ -388,7 +390,12 @@ def test_in_memory_shape_and_missing_parameter_errors(apply_bert):
 
 def test_parse_size_and_shard_plan():
     assert parse_size("50GB") == 50 * 10**9 and parse_size("2GiB") == 2 * 2**30
-    assert parse_size("500MB") == 5 * 10**8 and parse_size("1000") == 1000
+    assert parse_size("500MB") == 5 * 10**8 and parse_size("1e9B") == 10**9 and parse_size(4096) == 4096
+    for bare in ("1000", "10", "0"):  # issue 12: `--shard-size 10` meant 10 bytes (41 shards)
+        with pytest.raises(UsageError, match="no unit"):
+            parse_size(bare)
+    with pytest.raises(UsageError, match="minimum"):
+        parse_size("10B")
     with pytest.raises(UsageError):
         parse_size("lots")
     ts = [OutputTensor(f"t{i}", "F32", (n,), f"t{i}", ()) for i, n in enumerate([10, 10, 30, 5])]
@@ -414,7 +421,7 @@ def test_patched_slices_sum_overlapping_diffs_once(tmp_path, monkeypatch):
     a flush after every tensor, three overlapping diffs give, for every dtype, the base plus the
     scaled deltas summed in order (float32; float64 for F64) and rounded once, the same bytes
     as default slices."""
-    import sftdiff.bake as bake_module
+    bake_module = importlib.import_module("sftdiff.bake")
     from sftdiff.dtypes import to_float32
     from sftdiff.safetensors_io import StreamingWriter
 
@@ -460,25 +467,28 @@ def test_lagging_writer_thread_writes_same_bytes(apply_llama, tmp_path, monkeypa
     """Slices are written by a background thread while the next ones are read into rotating
     buffers: with small slices and a writer slowed down so its queue stays full, no buffer is
     refilled before its slice is written (the bytes equal a run with default slices)."""
-    import sftdiff.bake as bake_module
+    bake_module = importlib.import_module("sftdiff.bake")
 
     root, base_dir = apply_llama
     diffs = [root / "a.sft", root / "b.sft"]
     bake(base_dir, diffs, tmp_path / "default", scales=[2.0, -1.0], shard_size="30KB")
     write_all = bake_module._write_all
 
-    def slow_write_all(fd, array):
+    def slow_write_all(fd, array, **kw):
         if _in_writer_thread():
             time.sleep(0.0002)
-        return write_all(fd, array)
+        return write_all(fd, array, **kw)
 
     monkeypatch.setattr(bake_module, "CHUNK_ELEMENTS", 97)
     monkeypatch.setattr(bake_module, "_write_all", slow_write_all)
     bake(base_dir, diffs, tmp_path / "lagging", scales=[2.0, -1.0], shard_size="30KB")
     shards = sorted(p.name for p in (tmp_path / "default").glob("*.safetensors"))
     assert len(shards) > 1 and shards == sorted(p.name for p in (tmp_path / "lagging").glob("*.safetensors"))
-    for name in shards:
-        assert (tmp_path / "lagging" / name).read_bytes() == (tmp_path / "default" / name).read_bytes(), name
+    for name in shards:  # the same tensor bytes (headers name their own folder in the recipe)
+        lagging, default = SafetensorsFile(tmp_path / "lagging" / name), SafetensorsFile(tmp_path / "default" / name)
+        assert list(lagging.tensors) == list(default.tensors), name
+        for t in default.tensors:
+            assert lagging.array(t).tobytes() == default.array(t).tobytes(), (name, t)
 
 
 def test_write_error_in_writer_thread_fails_bake_nothing_left(apply_llama, tmp_path, monkeypatch):
@@ -487,19 +497,19 @@ def test_write_error_in_writer_thread_fails_bake_nothing_left(apply_llama, tmp_p
     import errno
     import threading
 
-    import sftdiff.bake as bake_module
+    bake_module = importlib.import_module("sftdiff.bake")
     from sftdiff.errors import OutputError
 
     root, base_dir = apply_llama
     write_all = bake_module._write_all
     calls = []
 
-    def failing_write_all(fd, array):
+    def failing_write_all(fd, array, **kw):
         if _in_writer_thread():
             calls.append(1)
             if len(calls) == 5:
                 raise OSError(errno.ENOSPC, "No space left on device")
-        return write_all(fd, array)
+        return write_all(fd, array, **kw)
 
     monkeypatch.setattr(bake_module, "CHUNK_ELEMENTS", 97)
     monkeypatch.setattr(bake_module, "_write_all", failing_write_all)
@@ -509,3 +519,287 @@ def test_write_error_in_writer_thread_fails_bake_nothing_left(apply_llama, tmp_p
     assert len(calls) == 5  # later writes were skipped
     assert not out.exists() and not leftovers(tmp_path, "m")
     assert not any(t.name == "sftdiff-write" for t in threading.enumerate())
+
+
+# ---------------------------------------------------------------- inputs are never written
+#
+# Every API entry point and command is handed inputs of each kind (in-memory state dicts of torch
+# tensors and of numpy arrays, `.bin` and safetensors checkpoints, in-memory diffs with dense
+# entries, lazy algebra results), with a snapshot taken before and compared after.
+
+
+def _snapshot_state(sd) -> dict[str, np.ndarray]:
+    return {k: (v.detach().clone().numpy() if hasattr(v, "detach") else np.array(v, copy=True)) for k, v in sd.items()}
+
+
+def _same_state(sd, snap) -> bool:
+    now = _snapshot_state(sd)
+    return now.keys() == snap.keys() and all(np.array_equal(now[k], snap[k]) for k in snap)
+
+
+def _snapshot_diff(diff: SparseDiff) -> dict:
+    out = {"meta": json.dumps(diff.meta.to_json({}), sort_keys=True, default=str)}
+    for name in diff.entries:
+        e = diff.entries[name]
+        if hasattr(e, "indices"):
+            out[name] = (np.array(e.indices, copy=True), np.array(e.values, copy=True))
+        else:
+            out[name] = (np.array(e.values, copy=True),)
+    return out
+
+
+def _same_diff(diff: SparseDiff, snap: dict) -> bool:
+    now = _snapshot_diff(diff)
+    return now.keys() == snap.keys() and now["meta"] == snap["meta"] and all(
+        len(now[k]) == len(snap[k]) and all(np.array_equal(a, b) for a, b in zip(now[k], snap[k]))
+        for k in snap if k != "meta")
+
+
+@pytest.fixture(scope="module")
+def inputs_kit(tmp_path_factory):
+    """A BertForTokenClassification base, its torch and numpy state dicts, a `.bin` copy, and two
+    in-memory diffs: one sparse, one with a dense entry on an existing parameter (the classifier)
+    whose values are a writeable numpy array owned by the test."""
+    root = tmp_path_factory.mktemp("inputs")
+    model = build(transformers.BertForTokenClassification, tiny_bert_config(num_labels=3))
+    base_dir = save(model, root / "base")
+    bin_dir = root / "bin"
+    bin_dir.mkdir()
+    torch.save({k: v.clone() for k, v in model.state_dict().items()}, bin_dir / "pytorch_model.bin")
+    (bin_dir / "config.json").write_text((base_dir / "config.json").read_text())
+    base = Checkpoint.open(base_dir)
+    sparse = random_diff(base, seed=11, density=0.05)
+    head = {"classifier.weight": np.random.default_rng(5).normal(0, 0.2, (3, 32)).astype(np.float32)}
+    with_dense = random_diff(base, seed=12, density=0.03, dense=head)
+    sparse.save(root / "sparse.sft")
+    with_dense.save(root / "dense.sft")
+    return root, base_dir, bin_dir, model, sparse, with_dense
+
+
+def _state_dicts(model) -> dict[str, dict]:
+    torch_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    numpy_sd = {k: v.detach().clone().numpy() for k, v in model.state_dict().items()}
+    return {"torch": torch_sd, "numpy": numpy_sd}
+
+
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
+def test_bake_never_writes_into_an_in_memory_base(inputs_kit, tmp_path, kind):
+    """Issue 11: `bake(Checkpoint.from_state_dict(sd), [diff], out)` changed every tensor of `sd`.
+    Also with two diffs (the summing path) and a dense entry (its values are not patched in place),
+    and the result equals the bake of the same base on disk."""
+    root, base_dir, _, model, sparse, with_dense = inputs_kit
+    sd = _state_dicts(model)[kind]
+    snap, diff_snaps = _snapshot_state(sd), [_snapshot_diff(sparse), _snapshot_diff(with_dense)]
+    for i, diffs in enumerate([[sparse], [with_dense, sparse], [sparse, with_dense]]):
+        bake(Checkpoint.from_state_dict(sd), diffs, tmp_path / f"m{i}", verify=False)
+        assert _same_state(sd, snap), f"bake #{i} wrote into the {kind} state dict"
+        bake(base_dir, diffs, tmp_path / f"disk{i}", verify=False)
+        mem, disk = Checkpoint.open(tmp_path / f"m{i}"), Checkpoint.open(tmp_path / f"disk{i}")
+        assert set(disk.tensors) <= set(mem.tensors)
+        for name in disk.tensors:
+            assert np.array_equal(mem.array(name), disk.array(name)), name
+    assert _same_diff(sparse, diff_snaps[0]) and _same_diff(with_dense, diff_snaps[1])
+
+
+def test_checkpoint_arrays_are_read_only_views(inputs_kit):
+    """What Checkpoint hands out cannot be written, for every kind of source, and wrapping a state
+    dict leaves the caller's own arrays writeable."""
+    root, base_dir, bin_dir, model, *_ = inputs_kit
+    sds = _state_dicts(model)
+    for ckpt in [Checkpoint.open(base_dir), Checkpoint.open(bin_dir), Checkpoint.from_state_dict(sds["torch"]),
+                 Checkpoint.from_state_dict(sds["numpy"])]:
+        for name in ckpt.tensors:
+            arr = ckpt.array(name)
+            assert not arr.flags.writeable, (ckpt.path, name)
+            with pytest.raises(ValueError):
+                arr.reshape(-1)[:1] += 1
+    assert all(a.flags.writeable for a in sds["numpy"].values())
+
+
+def test_checkpoint_byte_reads_match_arrays(inputs_kit, tmp_path):
+    """read / read_into / copy_to give the same bytes as `array`, for file and in-memory sources."""
+    root, base_dir, bin_dir, model, *_ = inputs_kit
+    for ckpt in [Checkpoint.open(base_dir), Checkpoint.open(bin_dir), Checkpoint.from_state_dict(model.state_dict())]:
+        for name, t in ckpt.tensors.items():
+            flat = ckpt.array(name).reshape(-1)
+            lo, n = flat.size // 3, max(1, flat.size // 4)
+            assert np.array_equal(ckpt.read(name, lo, n), flat[lo:lo + n])
+            buf = np.empty(n, dtype=flat.dtype)
+            assert ckpt.read_into(name, lo, buf) is buf and np.array_equal(buf, flat[lo:lo + n])
+            ckpt.read_ahead(name)
+            if ckpt.in_file(name):
+                target = tmp_path / "copy.bin"
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                try:
+                    os.write(fd, b"xx")
+                    assert ckpt.copy_to(name, fd) == flat.nbytes
+                finally:
+                    os.close(fd)
+                assert target.read_bytes() == b"xx" + flat.tobytes()
+        ckpt.close()
+
+
+def test_create_never_writes_into_its_inputs(inputs_kit):
+    """create_diff with in-memory (torch, numpy) and `.bin` bases and fine-tunes: inputs unchanged,
+    and the diff does not alias the fine-tune's memory (training it further leaves the diff as is)."""
+    from sftdiff.create import create_diff
+
+    root, base_dir, bin_dir, model, *_ = inputs_kit
+    tuned = build(transformers.BertForTokenClassification, tiny_bert_config(num_labels=3))
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.01)
+    before = tree_hashes(base_dir, bin_dir)
+    for kind in ("torch", "numpy"):
+        base_sd, ft_sd = _state_dicts(model)[kind], _state_dicts(tuned)[kind]
+        snaps = _snapshot_state(base_sd), _snapshot_state(ft_sd)
+        for base in (base_sd, Checkpoint.from_state_dict(base_sd), bin_dir, base_dir):
+            diff = create_diff(base, ft_sd, k=500, dense=["classifier.*"])
+            assert _same_state(base_sd, snaps[0]) and _same_state(ft_sd, snaps[1]), kind
+        dense_before = np.array(diff.entries["classifier.weight"].values, copy=True)
+        next(iter(ft_sd.values()))  # the fine-tune "trains on": its classifier changes in place
+        if kind == "torch":
+            ft_sd["classifier.weight"].add_(1.0)
+        else:
+            ft_sd["classifier.weight"] += 1.0
+        assert np.array_equal(diff.entries["classifier.weight"].values, dense_before)
+    assert tree_hashes(base_dir, bin_dir) == before
+
+
+def test_lazy_algebra_results_and_their_operands_stay_unchanged(inputs_kit, tmp_path):
+    """add/subtract/scale results (lazy) fed to bake, verify and apply_to_model: neither they nor
+    their operands change, and baking the lazy sum equals baking the saved sum."""
+    import sftdiff
+    from sftdiff.verify import verify_against_base
+
+    root, base_dir, _, model, sparse, with_dense = inputs_kit
+    snaps = [_snapshot_diff(sparse), _snapshot_diff(with_dense)]
+    base = Checkpoint.open(base_dir)
+    results = [sftdiff.add(sparse, with_dense), sftdiff.scale(sparse, 0.5), sftdiff.subtract(with_dense, sparse)]
+    for i, result in enumerate(results):
+        snap = _snapshot_diff(result)
+        verify_against_base(result, base)
+        bake(base, [result], tmp_path / f"lazy{i}", verify=False)
+        target = build(transformers.BertForTokenClassification, tiny_bert_config(num_labels=3))
+        apply_to_model(target, result, strict=False)
+        assert _same_diff(result, snap), f"result #{i} changed"
+    assert _same_diff(sparse, snaps[0]) and _same_diff(with_dense, snaps[1])
+    results[0].save(tmp_path / "sum.sft")
+    bake(base, [tmp_path / "sum.sft"], tmp_path / "saved", verify=False)
+    lazy, saved = Checkpoint.open(tmp_path / "lazy0"), Checkpoint.open(tmp_path / "saved")
+    assert list(lazy.tensors) == list(saved.tensors)
+    for name in lazy.tensors:  # (the headers' metadata may name the diffs differently)
+        assert np.array_equal(lazy.array(name), saved.array(name)), name
+
+
+def test_apply_to_model_leaves_the_diff_and_state_dict_copies_alone(inputs_kit):
+    """apply_to_model changes the model (its purpose) but not the diff, nor a state dict taken
+    from the model before (a detached copy)."""
+    root, base_dir, _, model, sparse, with_dense = inputs_kit
+    target = build(transformers.BertForTokenClassification, tiny_bert_config(num_labels=3))
+    sd = _state_dicts(target)["torch"]
+    snap, diff_snap = _snapshot_state(sd), _snapshot_diff(with_dense)
+    record = apply_to_model(target, with_dense)
+    assert _same_diff(with_dense, diff_snap) and _same_state(sd, snap)
+    revert_from_model(target, record)
+    assert _same_diff(with_dense, diff_snap)
+
+
+def test_cli_commands_never_change_their_inputs(inputs_kit, tmp_path, capsys):
+    """Every writing command (and inspect/verify-like readers) on safetensors and `.bin` bases:
+    the bytes of every input file are the same after."""
+    root, base_dir, bin_dir, *_ = inputs_kit
+    sparse, dense = root / "sparse.sft", root / "dense.sft"
+    before = tree_hashes(base_dir, bin_dir, sparse, dense)
+    runs = [
+        ["create", base_dir, bin_dir, "-k", "50", "-o", tmp_path / "c.sft", "-q"],
+        ["create", bin_dir, base_dir, "-k", "50", "-o", tmp_path / "c2.sft", "-q"],
+        ["apply", base_dir, sparse, dense, "-o", tmp_path / "a", "-q"],
+        ["apply", bin_dir, sparse, "-o", tmp_path / "b", "-q", "--no-verify"],
+        ["add", sparse, dense, "-o", tmp_path / "add.sft", "-q"],
+        ["subtract", dense, sparse, "-o", tmp_path / "sub.sft", "-q"],
+        ["scale", sparse, "0.5", "-o", tmp_path / "scale.sft", "-q"],
+        ["prune", dense, "-k", "10", "-o", tmp_path / "prune.sft", "-q"],
+        ["convert", sparse, "--to", "composable-sft", "-o", tmp_path / "comp", "-q"],
+        ["filter", dense, "--exclude", "classifier.*", "-o", tmp_path / "filter.sft", "-q"],
+        ["merge", sparse, dense, "-m", "ties", "-o", tmp_path / "merge.sft", "-q"],
+        ["inspect", dense, "--base", base_dir],
+    ]
+    for args in runs:
+        code, _, err = run_cli(args, capsys)
+        assert code == 0, (args[0], err[-1500:])
+        assert tree_hashes(base_dir, bin_dir, sparse, dense) == before, f"`sftdiff {args[0]}` changed an input"
+
+
+# ---------------------------------------------------------------- command line (issue 12)
+
+
+def test_skip_dense_matches_diffs_by_file_identity(apply_bert, tmp_path, capsys, monkeypatch):
+    """`--skip-dense ./task.sft` (or an absolute path, or a symlink) names the DIFF `task.sft`."""
+    root, base_dir = apply_bert
+    monkeypatch.chdir(root)
+    (tmp_path / "link.sft").symlink_to(root / "task.sft")
+    for i, spelling in enumerate(["./task.sft", str(root / "task.sft"), str(tmp_path / "link.sft")]):
+        code, _, err = run_cli(["apply", base_dir, "lang.sft", "task.sft", "--skip-dense", spelling,
+                                "-o", tmp_path / f"m{i}", "-q"], capsys)
+        assert code == 0, err
+        assert "classifier.weight" not in Checkpoint.open(tmp_path / f"m{i}").tensors
+    code, _, err = run_cli(["apply", base_dir, "lang.sft", "--skip-dense", "task.sft", "-o", tmp_path / "x"], capsys)
+    assert code == 2 and "is not one of the DIFF arguments" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_swapped_arguments_are_named(apply_bert, tmp_path, capsys):
+    root, base_dir = apply_bert
+    code, _, err = run_cli(["apply", root / "task.sft", base_dir, "-o", tmp_path / "x"], capsys)
+    assert code == 2 and "look swapped" in err and f"sftdiff apply {base_dir} {root / 'task.sft'}" in err, err
+    assert len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(["apply", root / "task.sft", root / "lang.sft", "-o", tmp_path / "x"], capsys)
+    assert code == 2 and "is a diff, not a checkpoint" in err, err
+    code, _, err = run_cli(["apply", base_dir, base_dir, "-o", tmp_path / "x"], capsys)
+    assert code == 2 and "not a diff" in err and "sftdiff create" in err, err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--shard-size", "10"], "no unit"),
+    (["--shard-size", "10B"], "minimum"),
+    (["--scale", "1", "--scale", "2", "--scale", "3"], "--scale values"),
+])
+def test_apply_option_errors_are_one_line_exit_2(apply_bert, tmp_path, capsys, args, expected):
+    root, base_dir = apply_bert
+    code, out, err = run_cli(["apply", base_dir, root / "lang.sft", root / "task.sft", "-o", tmp_path / "x", *args],
+                             capsys)
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1 and "Usage:" not in err, err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("command", ["apply", "create"])
+def test_output_under_a_file_says_it_is_a_file(apply_bert, tmp_path, capsys, command):
+    """`-o tok/vocab.txt/x` used to say the folder does not exist although it is a file."""
+    root, base_dir = apply_bert
+    blocker = tmp_path / "vocab.txt"
+    blocker.write_text("[PAD]\n")
+    args = {"apply": ["apply", base_dir, root / "lang.sft"],
+            "create": ["create", base_dir, base_dir, "-k", "5"]}[command]
+    for out in (blocker / "x", blocker / "sub" / "x"):
+        code, _, err = run_cli([*args, "-o", out], capsys)
+        assert code == 5 and f"{blocker} is a file, not a folder" in err, err
+    code, _, err = run_cli([*args, "-o", tmp_path / "nope" / "x"], capsys)
+    assert code == 5 and "does not exist" in err, err
+    assert blocker.read_text() == "[PAD]\n"
+
+
+def test_apply_json_summary(apply_bert, tmp_path, capsys):
+    root, base_dir = apply_bert
+    code, out, err = run_cli(["apply", base_dir, root / "lang.sft", root / "task.sft", "--skip-dense",
+                              root / "task.sft", "--scale", "0.5", "-o", tmp_path / "m", "--json"], capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["command"] == "apply" and summary["output"] == str(tmp_path / "m")
+    assert summary["diffs"] == [str(root / "lang.sft"), str(root / "task.sft")]
+    assert summary["with_dense"] == [True, False] and summary["scales"] == [0.5, 0.5]
+    ckpt = Checkpoint.open(tmp_path / "m")
+    assert summary["tensors"] == len(ckpt.tensors) and summary["shards"] == 1 and summary["added"] == []
+    assert 0 < summary["changed"] <= summary["tensors"] and summary["bytes"] == sum(
+        t.numel * 4 for t in ckpt.tensors.values()) and summary["verified"] is True
+    assert isinstance(summary["warnings"], list) and "wrote" not in err

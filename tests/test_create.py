@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ import transformers  # noqa: E402
 from helpers_models import build, save, tiny_bert_config, tiny_llama_config  # noqa: E402
 
 import sftdiff  # noqa: E402
-import sftdiff.create as create_mod  # noqa: E402
+create_mod = importlib.import_module("sftdiff.create")  # noqa: E402
 from sftdiff.checkpoint import Checkpoint  # noqa: E402
 from sftdiff.create import CreateWarning, create_diff, exact_deltas  # noqa: E402
 from sftdiff.diff import DenseEntry, SparseDiff, SparseEntry  # noqa: E402
@@ -457,10 +458,13 @@ def test_cli_summary_quiet_force_and_no_torch(bert, tmp_path):
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr
     lines = r.stderr.strip().splitlines()
-    assert lines[0].startswith("sftdiff: warning: 3 parameter(s) only in the fine-tune")  # LayerNorm excluded
-    assert lines[-1].startswith(f"wrote {out}: ") and "density 1.0000%" in lines[-1] and "3 dense entries" in lines[-1]
+    # --exclude '*LayerNorm*' is for the base's LayerNorms: the new MLM head keeps its own (issue 12)
+    assert lines[0].startswith("sftdiff: warning: 5 parameter(s) only in the fine-tune")
+    assert lines[-1].startswith(f"wrote {out}: ") and "density 1.0000%" in lines[-1] and "5 dense entries" in lines[-1]
     diff = SparseDiff.load(out)
-    assert diff.meta.user == {"task": "mlm"} and not any("LayerNorm" in n for n in diff.entries)
+    assert diff.meta.user == {"task": "mlm"}
+    assert sorted(n for n in diff.entries if "LayerNorm" in n) == ["cls.predictions.transform.LayerNorm.bias",
+                                                                 "cls.predictions.transform.LayerNorm.weight"]
 
     r = run_cli("create", str(bert / "base"), str(bert / "ft"), "-o", str(out), "-k", "10", "--quiet")
     assert r.returncode == 5 and "already exists" in r.stderr and "--force" in r.stderr
@@ -469,6 +473,9 @@ def test_cli_summary_quiet_force_and_no_torch(bert, tmp_path):
     assert SparseDiff.load(out).nnz == 10
     r = run_cli("create", str(bert / "base"), str(bert / "ft"), "-o", str(tmp_path / "x.sft"), "-k", "100000")
     assert r.returncode == 0 and "kept them all" in r.stderr
+    r = run_cli("create", str(bert / "base"), str(bert / "ft"), "-o", str(tmp_path / "y.sft"), "-k", "10000000")
+    assert r.returncode == 0 and "is more than the" in r.stderr and "density 100.0000%" in r.stderr, r.stderr
+    assert "%" not in r.stderr.replace("density 100%", "").replace("density 100.0000%", ""), r.stderr
 
 
 def test_cli_errors_have_their_exit_codes(bert, tmp_path):
@@ -580,3 +587,83 @@ def test_threshold_bits_never_filter_a_magnitude_reaching_the_floor():
         assert (mags.view(np.uint32) >= bits).all(), floor
         below = np.nextafter(np.float32(bits.view(np.float32)), np.float32(0))
         assert float(below) < floor or floor == 0
+
+
+# ---------------------------------------------------------------- globs, budgets (issue 12)
+
+
+@pytest.mark.parametrize("globs", [dict(include=["*intermediate*"]), dict(include=["*attention.output*"]),
+                                   dict(include=["*.weight"], exclude=["*LayerNorm*"])])
+def test_include_does_not_make_a_real_fine_tune_look_unrelated(bert, globs):
+    """The relatedness check counts every parameter the two share, before globs: `--include
+    '*intermediate*'` used to refuse the real fine-tune ("4 of 39 base parameters match")."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CreateWarning)
+        diff = create_diff(bert / "base", bert / "tok", k=200, **globs)
+    assert diff.entries and all(
+        (not globs.get("include") or any(create_mod.matches_any(n, [g]) for g in globs["include"]))
+        and not create_mod.matches_any(n, globs.get("exclude", ()))
+        for n in diff.entries if n in Checkpoint.open(bert / "base").tensors)
+    assert {"classifier.weight", "classifier.bias"} <= set(diff.entries)  # the new head always travels
+    with pytest.raises(VerificationError, match="does not look like a fine-tune"):  # still refuses strangers
+        create_diff(bert / "base", build_unrelated_state(), k=10, **globs)
+
+
+def build_unrelated_state() -> dict[str, np.ndarray]:
+    """A Llama state dict: nothing in common with BERT."""
+    model = build(transformers.LlamaForCausalLM, tiny_llama_config(), seed=0)
+    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+def test_exclude_glob_for_base_parameters_keeps_new_head_parameters(bert):
+    """`--exclude '*LayerNorm*'` is about the base's LayerNorms: the new MLM head's LayerNorm stays
+    (dense); an exclude glob that matches only new parameters (`cls.*`) drops them, and says so."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CreateWarning)
+        diff = create_diff(bert / "base", bert / "mlm", k=100, exclude=["*LayerNorm*"])
+    assert "cls.predictions.transform.LayerNorm.weight" in diff.entries
+    assert not any("LayerNorm" in n for n in diff.entries if not n.startswith("cls."))
+    assert not any("dropped" in str(w.message) for w in caught)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CreateWarning)
+        diff = create_diff(bert / "base", bert / "mlm", k=100, exclude=["cls.*"])
+    assert not any(n.startswith("cls.") for n in diff.entries)
+    dropped = [str(w.message) for w in caught if "dropped by --exclude" in str(w.message)]
+    assert len(dropped) == 1 and "'cls.*'" in dropped[0] and "cls.predictions.bias" in dropped[0], dropped
+    diff = create_diff(bert / "base", bert / "mlm", k=100, exclude=["cls.*"], dense=["cls.predictions.bias"])
+    assert [n for n in diff.entries if n.startswith("cls.")] == ["cls.predictions.bias"]  # --dense wins
+
+
+def test_k_above_selectable_is_clamped_with_a_warning(bert):
+    with pytest.warns(CreateWarning, match="is more than the"):
+        diff = create_diff(bert / "base", bert / "ft", k=10**9)
+    assert diff.meta.origin["density"] == 1.0 and diff.meta.origin["k"] == diff.meta.origin["selectable_numel"]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--density", "2"], "--density must be in (0, 1]"),
+    (["--density", "0"], "--density must be in (0, 1]"),
+    (["-k", "-3"], "-k must be a non-negative integer"),
+    (["-k", "5", "--density", "0.1"], "exactly one"),
+    ([], "exactly one"),
+])
+def test_create_option_errors_are_one_line_exit_2(bert, tmp_path, args, expected):
+    """`--density 2` printed click's 3-line usage block; every option error is one line, exit 2."""
+    r = run_cli("create", str(bert / "base"), str(bert / "ft"), "-o", str(tmp_path / "e.sft"), *args)
+    assert r.returncode == 2 and expected in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Usage:" not in r.stderr and not (tmp_path / "e.sft").exists()
+
+
+def test_create_json_summary(bert, tmp_path):
+    out = tmp_path / "j.sft"
+    r = run_cli("create", str(bert / "base"), str(bert / "tok"), "-o", str(out), "-k", "300", "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    diff = SparseDiff.load(out)
+    assert summary["command"] == "create" and summary["output"] == str(out) and summary["k"] == 300
+    assert summary["nnz"] == diff.nnz == 300 and summary["scope"] == "global" and summary["dtype"] == "F32"
+    assert summary["bytes"] == out.stat().st_size and summary["selectable"] == diff.meta.origin["selectable_numel"]
+    assert summary["dense"] == ["classifier.bias", "classifier.weight"]
+    assert summary["config_patch"] == diff.meta.config_patch and len(summary["config_patch"]["id2label"]) == 3
+    assert len(summary["warnings"]) == 2 and "only in the fine-tune" in summary["warnings"][0]
+    assert "wrote" not in r.stderr and "%|" not in r.stderr  # no summary line or progress bar beside the JSON

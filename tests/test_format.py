@@ -297,3 +297,158 @@ def test_spec_worked_example_matches_library_bytes(tmp_path):
     header = blob[8:336].decode()
     assert header.endswith("   ") and " " not in header.rstrip()
     assert header.rstrip() in "".join(example.split())
+
+
+# ---------------------------------------------------------------- edge cases both readers must agree on (issue 12)
+
+
+def _numpy_reader():
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import read_sft_numpy
+    finally:
+        sys.path.pop(0)
+    return read_sft_numpy
+
+
+def _padded(blob: bytes, pad: bytes) -> bytes:
+    """`blob` with its header followed by `pad` (the length prefix adjusted)."""
+    n = int.from_bytes(blob[:8], "little")
+    header = blob[8:8 + n].rstrip(b" ") + pad
+    return len(header).to_bytes(8, "little") + header + blob[8 + n:]
+
+
+def _with_sft_text(text: str) -> bytes:
+    """A valid one-entry sparse file whose `sft` metadata string is `text` verbatim."""
+    blob = sparse_file()
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    header["__metadata__"]["sft"] = text
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw + blob[8 + n:]
+
+
+_ENTRY_W = '"entries": {"w": {"shape": [4, 4], "base_dtype": "F32"}}'
+EDGE_CASES = {
+    "header padded with LF": (_padded(sparse_file(), b"\n"), "other than spaces"),
+    "header padded with TAB": (_padded(sparse_file(), b"\t  "), "other than spaces"),
+    "header padded with CRLF": (_padded(sparse_file(), b"\r\n"), "other than spaces"),
+    "header padded with NUL": (_padded(sparse_file(), b"\0"), "other than spaces"),
+    **{f"format_version {v!r}": (sparse_file(version=v), "MAJOR.MINOR")
+       for v in (" 1.0", "1.0 ", "+1.0", "-1.0", "١.٠", "１.0", "01.0", "1.00", "1_0.0", "1.0\n", "1", "1.0.0",
+                 "", "1.", ".0", "1e0.0")},
+    "format_version 10.0 (grammar ok, unknown major)": (sparse_file(version="10.0"), "not supported"),
+    "format_version 0.9": (sparse_file(version="0.9"), "not supported"),
+    "duplicate top-level key in sft": (_with_sft_text('{' + _ENTRY_W + ', "user": {}, "user": {"kind": "x"}}'),
+                                       "twice"),
+    "duplicate entry in sft": (_with_sft_text('{"entries": {"w": {"shape": [4, 4]}, "w": {"shape": [16]}}}'), "twice"),
+    "duplicate key in an entry": (_with_sft_text('{"entries": {"w": {"shape": [2], "shape": [4, 4]}}}'), "twice"),
+    "duplicate user field": (_with_sft_text('{' + _ENTRY_W + ', "user": {"kind": "a", "kind": "b"}}'), "twice"),
+    "lone surrogate in sft": (_with_sft_text('{' + _ENTRY_W + ', "user": {"kind": "\\ud800"}}'), "surrogate"),
+    "lone surrogate in header": (raw_file({}, None, header_override=b'{"__metadata__": {"format": "\\udc00"}}'),
+                                 "surrogate"),
+    "negative base.numel": (sparse_file(base={"numel": -1}), "base.numel"),
+    "boolean base.numel": (sparse_file(base={"numel": True}), "base.numel"),
+    "float base.numel": (sparse_file(base={"numel": 3.0}), "base.numel"),
+    "extra member in a tensor description": (raw_file({}, None, header_override=json.dumps(
+        {"dense/w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "x": 1}}).encode()) + b"\0" * 4,
+        "exactly dtype, shape and data_offsets"),
+    "base_dtype a list (fuzz finding in the spec reader)": (
+        _with_sft_text('{"entries": {"w": {"shape": [4, 4], "base_dtype": ["F32"]}}}'), "base_dtype"),
+    "tensor dtype a list": (raw_file({}, None, header_override=json.dumps(
+        {"dense/w": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}).encode()) + b"\0" * 4, "dtype"),
+    "metadata not an object": (raw_file({}, None, header_override=b'{"__metadata__": 0}'), "strings to strings"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EDGE_CASES))
+def test_edge_cases_are_refused_by_both_readers(tmp_path, case):
+    blob, match = EDGE_CASES[case]
+    _rejects(tmp_path, blob, match)
+    reader = _numpy_reader()
+    with pytest.raises(reader.SftReadError):
+        reader.SftFile(tmp_path / "bad.sft")
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_numpy_reader_refuses_what_the_library_refuses(tmp_path, case):
+    """The independent reader implements every rule of section 6 too (data rules on reconstruct)."""
+    blob, _ = BAD_FILES[case]
+    path = tmp_path / "bad.sft"
+    path.write_bytes(blob)
+    reader = _numpy_reader()
+    with pytest.raises(reader.SftReadError):
+        for name in reader.SftFile(path).entries:
+            reader.SftFile(path).reconstruct(name)
+
+
+@pytest.mark.parametrize("version,pad", [("1.0", b""), ("1.12", b"    "), ("1.0", b" ")])
+def test_valid_versions_and_space_padding_are_read_by_both(tmp_path, version, pad):
+    path = tmp_path / "ok.sft"
+    path.write_bytes(_padded(sparse_file(version=version), pad))
+    SparseDiff.load(path).validate()
+    reader = _numpy_reader().SftFile(path)
+    assert reader.reconstruct("w").reshape(-1)[[1, 5]].tolist() == [0.5, -2.0]
+
+
+def test_f64_to_bf16_rounds_once():
+    """1 + 2⁻⁸ + 2⁻³⁰ is just above the tie between BF16 1.0 and 1.0078125: through float32 it
+    becomes the tie and rounds to even (1.0); rounded once it is 1.0078125."""
+    from sftdiff.dtypes import convert
+
+    x = np.array([1 + 2**-8 + 2**-30, -(1 + 2**-8 + 2**-30), 1 + 2**-8, 3.3961775e38, 2**-133 + 2**-160, 2**-134],
+                 dtype=np.float64)
+    got = to_float32(convert(x, "F64", "BF16"), "BF16")
+    np.testing.assert_array_equal(got, np.array([1.0078125, -1.0078125, 1.0, 3.3895314e38, 2**-133, 0.0],
+                                                dtype=np.float32))
+    # F16: 623.2500159… is above the tie 623.25, so it rounds away to 623.5 (via float32: the tie, 623.0)
+    assert float(convert(np.array([623.2500159975731]), "F64", "F16")[0]) == 623.5
+
+
+def test_f64_to_bf16_matches_exact_rounding_on_random_values():
+    from fractions import Fraction
+
+    from sftdiff.dtypes import convert
+
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(3000) * 10.0 ** rng.integers(-40, 38, 3000)
+    got = to_float32(convert(x, "F64", "BF16"), "BF16").astype(np.float64)
+    lo = to_float32(from_float32(x.astype(np.float32), "BF16"), "BF16").astype(np.float64)
+    for value, rounded, near in zip(x, got, lo):
+        # the exact nearest BF16: compare against both neighbours of the candidate
+        step = max(2.0 ** (np.floor(np.log2(abs(rounded))) - 7), 2.0**-133) if rounded else 2.0**-133
+        for other in (rounded - step, rounded + step, near):
+            assert abs(Fraction(rounded) - Fraction(value)) <= abs(Fraction(float(other)) - Fraction(value))
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.3, -1.7])
+def test_f64_parameters_are_computed_in_float64(tmp_path, scale):
+    """Spec 3.1: for an F64 parameter, W + s·v with product and sum in float64, in bake and in
+    apply_to_model alike (the float32 product rounded the delta before it reached the weight)."""
+    import torch
+
+    import sftdiff
+    from sftdiff.checkpoint import Checkpoint
+    from sftdiff.safetensors_io import SafetensorsFile
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((16, 16))
+    idx = np.sort(rng.choice(256, 60, replace=False))
+    vals = rng.standard_normal(60).astype(np.float32) * np.float32(1e-3)
+    diff = SparseDiff({"w": SparseEntry.from_float((16, 16), idx, vals, "F32", "F64")})
+    expected = w.copy().reshape(-1)
+    expected[idx] = expected[idx] + np.float64(scale) * vals.astype(np.float64)
+
+    sftdiff.bake(Checkpoint.from_state_dict({"w": w.copy()}), [diff], tmp_path / "out", scales=[scale],
+                 verify=False)
+    baked = SafetensorsFile(tmp_path / "out" / "model.safetensors").array("w").reshape(-1)
+    np.testing.assert_array_equal(baked, expected)
+
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.from_numpy(w.copy()))
+    sftdiff.apply_to_model(model, diff, scale=scale)
+    np.testing.assert_array_equal(model.w.detach().numpy().reshape(-1), expected)
+    if scale != 1.0:  # the old rule (float32 product) differs at some position
+        old = w.copy().reshape(-1)
+        old[idx] = old[idx] + (vals * np.float32(scale)).astype(np.float64)
+        assert not np.array_equal(old, expected)

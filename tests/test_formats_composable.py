@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from sftdiff.diff import DenseEntry, SparseDiff, SparseEntry
+from sftdiff.diff import DenseEntry, DiffMeta, SparseDiff, SparseEntry
 from sftdiff.errors import FormatError
 from sftdiff.formats import convert, load_foreign
 from sftdiff.formats.composable import read_composable
@@ -356,3 +356,81 @@ def _needs_zip_version(data: bytes, version: int) -> bytes:
         out[at + 6] = version
         at = out.find(b"PK\x01\x02", at + 4)
     return bytes(out)
+
+
+def test_export_says_what_composable_sft_cannot_hold(tmp_path):
+    """Issue 12: the export dropped the config patch and user fields without a word."""
+    entry = SparseEntry.from_float((4, 4), np.array([1, 5]), np.array([0.5, -2.0], np.float32))
+    meta = DiffMeta(base={"hint": "b", "fingerprint": "sfp1:" + "0" * 32}, user={"task": "ner"},
+                    config_patch={"architectures": ["BertForTokenClassification"], "num_labels": 5})
+    SparseDiff({"w": entry}, meta).save(tmp_path / "d.sft")
+    result = convert(str(tmp_path / "d.sft"), tmp_path / "out.bin")
+    assert result.dropped_metadata == ["config_patch", "user", "base.fingerprint"]
+    assert len(result.notes) == 1 and "architectures, num_labels" in result.notes[0] and "task" in result.notes[0]
+    proc = subprocess.run([sys.executable, "-m", "sftdiff", "convert", str(tmp_path / "d.sft"), "-o",
+                           str(tmp_path / "out2.bin"), "--quiet"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stderr.startswith("note: composable-sft has no place for the config patch")
+    # formats that carry the whole metadata lose nothing
+    assert convert(str(tmp_path / "d.sft"), tmp_path / "out.npz").notes == []
+
+
+@pytest.mark.parametrize("layout", ["state_dict", "ordered_with_metadata", "training_checkpoint"])
+def test_model_checkpoint_given_as_a_diff_is_named_as_such(tmp_path, layout):
+    """Issue 12: a model's pytorch_model.bin as a diff said `malformed pickle (AttributeError ...)`, and a
+    plain state dict read as an empty diff (apply then changed nothing, exit 0)."""
+    import collections
+
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    sd = model.state_dict()  # an OrderedDict with a _metadata attribute
+    obj = {"state_dict": dict(sd)} if layout == "training_checkpoint" else (
+        sd if layout == "ordered_with_metadata" else collections.OrderedDict((k, v.clone()) for k, v in sd.items()))
+    torch.save(obj, tmp_path / "pytorch_model.bin")
+    with pytest.raises(FormatError, match="this is a model checkpoint .*not a diff; use it as BASE"):
+        load_foreign(str(tmp_path / "pytorch_model.bin"))
+    proc = subprocess.run([sys.executable, "-m", "sftdiff", "inspect", str(tmp_path / "pytorch_model.bin")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 3 and len(proc.stderr.strip().splitlines()) == 1
+    assert "sftdiff create BASE FINETUNED" in proc.stderr
+
+
+def test_model_folder_given_as_a_diff_is_named_as_such(tmp_path):
+    from safetensors.numpy import save_file
+
+    (tmp_path / "m").mkdir()
+    save_file({"w": np.zeros(3, np.float32)}, str(tmp_path / "m" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(FormatError, match="model checkpoint folder, not a diff"):
+        load_foreign(str(tmp_path / "m"))
+    with pytest.raises(FormatError, match="model checkpoint's weights, not a diff"):
+        load_foreign(str(tmp_path / "m" / "model.safetensors"))
+
+
+def test_import_with_a_base_that_lacks_the_head(tmp_path):
+    """A composable-sft diff's dense head ('abs') for a parameter the base lacks was refused with --base
+    ("does not exist in the base"), so `apply base composable-diff/` failed; dense entries replace or
+    add whatever the base holds (spec 3.2), only sparse entries must match the base."""
+    from safetensors.numpy import save_file
+
+    from sftdiff.checkpoint import Checkpoint
+
+    base = {"bert.w": np.zeros((4, 4), np.float32), "bert.emb": np.zeros((3, 2), np.float32)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    rng = np.random.default_rng(0)
+    entries = {"w": SparseEntry.from_float((4, 4), np.array([1, 5]), np.array([0.5, -2.0], np.float32)),
+               "classifier.weight": DenseEntry(rng.standard_normal((2, 4)).astype(np.float32)),
+               "emb": DenseEntry(rng.standard_normal((5, 2)).astype(np.float32))}  # resized
+    SparseDiff(entries).save(tmp_path / "d.sft")
+    convert(str(tmp_path / "d.sft"), tmp_path / "d.bin")
+    diff = load_foreign(str(tmp_path / "d.bin"), base=Checkpoint.open(tmp_path / "base.safetensors"))
+    assert sorted(diff.entries) == ["bert.emb", "bert.w", "classifier.weight"]
+    assert diff.entries["classifier.weight"].base_dtype is None and diff.entries["bert.emb"].base_dtype == "F32"
+    np.testing.assert_array_equal(diff.entries["bert.emb"].values_f32(), entries["emb"].values)
+    # a sparse entry must still match the base
+    SparseDiff({"w": SparseEntry.from_float((8,), np.array([1]), np.array([1.0], np.float32))}).save(tmp_path / "e.sft")
+    convert(str(tmp_path / "e.sft"), tmp_path / "e.bin")
+    from sftdiff.errors import VerificationError
+
+    with pytest.raises(VerificationError, match="shape"):
+        load_foreign(str(tmp_path / "e.bin"), base=Checkpoint.open(tmp_path / "base.safetensors"))

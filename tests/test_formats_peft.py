@@ -342,3 +342,244 @@ def test_lora_shapes_are_checked_against_the_base_before_multiplying(base_dir, t
     monkeypatch.setattr(lora, "_delta", lambda *a: pytest.fail("ΔW was computed"))
     with pytest.raises(VerificationError, match="has shape \\[4000, 4000\\]"):
         load_foreign(str(folder), base=Checkpoint.open(base_dir))
+
+
+# ---------------------------------------------------------------- LoRA export keeps heads (issue 11 item 4)
+
+CLASSIFIER_W, CLASSIFIER_B = "classifier.weight", "classifier.bias"
+NORM = "bert.encoder.layer.0.output.LayerNorm.weight"
+
+
+def _head_diff(base_dir: Path, path: Path, *, with_bias: bool = False) -> SparseDiff:
+    """A diff as a task fine-tune makes it: sparse deltas on attention matrices and a LayerNorm, a
+    dense classifier head, user fields and a config patch."""
+    ckpt = Checkpoint.open(base_dir)
+    rng = np.random.default_rng(1)
+    entries = {}
+    names = [QUERY, VALUE, NORM] + (["bert.encoder.layer.0.attention.self.query.bias"] if with_bias else [])
+    for name in names:
+        shape = ckpt.tensors[name].shape
+        numel = int(np.prod(shape))
+        idx = np.sort(rng.choice(numel, size=max(1, numel // 4), replace=False))
+        entries[name] = SparseEntry.from_float(shape, idx, rng.standard_normal(len(idx)) * 0.05, "F32", "F32")
+    entries[CLASSIFIER_W] = DenseEntry(rng.standard_normal((3, 16)).astype(np.float32), "F32", "F32")
+    entries[CLASSIFIER_B] = DenseEntry(rng.standard_normal(3).astype(np.float32), "F32", "F32")
+    diff = SparseDiff(entries, DiffMeta(base={"hint": str(base_dir)}, user={"task": "nli"},
+                                        config_patch={"num_labels": 3}))
+    diff.save(path)
+    return diff
+
+
+def _logits(model, seed: int = 5) -> np.ndarray:
+    torch.manual_seed(seed)
+    ids = torch.randint(0, 60, (3, 9))
+    with torch.no_grad():
+        return model(input_ids=ids).logits.numpy()
+
+
+def test_lora_export_keeps_the_head_in_modules_to_save_and_loads_in_peft(base_dir, tmp_path):
+    """base + adapter (loaded by real PEFT) gives the outputs of base + diff baked by sftdiff."""
+    import sftdiff
+
+    _head_diff(base_dir, tmp_path / "d.sft")
+    result = convert(str(tmp_path / "d.sft"), tmp_path / "lora", rank=16, base=str(base_dir))
+    report = result.lora
+    kinds = {t.name: t.kind for t in report.tensors}
+    assert kinds == {QUERY: "lora", VALUE: "lora", NORM: "saved", CLASSIFIER_W: "saved", CLASSIFIER_B: "saved"}
+    assert report.modules_to_save == ["bert.encoder.layer.0.output.LayerNorm", "classifier"]
+    assert report.unrepresented == [] and report.total_error < 1e-5
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == report.modules_to_save and config["r"] == 16
+
+    sftdiff.bake(str(base_dir), [str(tmp_path / "d.sft")], tmp_path / "baked")
+    baked = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "baked").eval()
+    adapted = peft.PeftModel.from_pretrained(tiny_bert(), str(tmp_path / "lora")).eval()
+    np.testing.assert_allclose(_logits(adapted), _logits(baked), rtol=1e-4, atol=1e-5)
+    # without the head in modules_to_save, the adapted model's head is the base's random one
+    assert not np.allclose(_logits(tiny_bert()), _logits(baked), atol=1e-3)
+    # and the adapter reads back as the same diff (head dense, the norm's full value dense)
+    back = load_foreign(str(tmp_path / "lora"), base=Checkpoint.open(base_dir))
+    np.testing.assert_array_equal(back.entries[CLASSIFIER_W].values_f32(),
+                                  SparseDiff.load(tmp_path / "d.sft").entries[CLASSIFIER_W].values_f32())
+
+
+def test_lora_export_reports_what_it_cannot_express(base_dir, tmp_path):
+    _head_diff(base_dir, tmp_path / "d.sft", with_bias=True)
+    # without --base: the LayerNorm delta has no LoRA form and no full value; the linear bias never has
+    result = convert(str(tmp_path / "d.sft"), tmp_path / "lora", rank=4)
+    rows = {t.name: t for t in result.lora.tensors}
+    assert rows[NORM].kind == "dropped" and "--base" in rows[NORM].reason
+    assert rows["bert.encoder.layer.0.attention.self.query.bias"].kind == "dropped"
+    assert rows[CLASSIFIER_W].kind == "saved"
+    assert any("have no place in a LoRA adapter" in n for n in result.notes)
+    assert {"config_patch", "user"} <= set(result.dropped_metadata)
+
+    proc = subprocess.run([sys.executable, "-m", "sftdiff", "convert", str(tmp_path / "d.sft"), "--rank", "4",
+                           "--base", str(base_dir), "-o", str(tmp_path / "lora-b"), "--json"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["command"] == "convert" and summary["to"] == "lora"
+    table = {row["name"]: row for row in summary["lora"]["tensors"]}
+    assert table[NORM]["kind"] == "saved" and table[NORM]["error"] == 0
+    bias = table["bert.encoder.layer.0.attention.self.query.bias"]
+    assert bias["kind"] == "dropped" and bias["error"] == 1 and "no LoRA form" in bias["reason"]
+    assert table[QUERY]["kind"] == "lora" and table[QUERY]["rank"] == 4 and 0 < table[QUERY]["error"] < 1
+    assert summary["lora"]["modules_to_save"] == ["bert.encoder.layer.0.output.LayerNorm", "classifier"]
+    assert set(summary["dropped_metadata"]) >= {"config_patch", "user"}
+
+
+def test_lora_rank_is_capped_at_each_matrix_size(base_dir, tmp_path):
+    """--rank 1000 on 16×16 and 60×16 matrices: each gets its full rank, not 1000 (issue 12)."""
+    ckpt = Checkpoint.open(base_dir)
+    rng = np.random.default_rng(2)
+    entries = {}
+    for name, (rows, cols) in ((QUERY, (16, 16)), (EMBED, (60, 16))):
+        idx = np.sort(rng.choice(rows * cols, 40, replace=False))
+        entries[name] = SparseEntry.from_float((rows, cols), idx, rng.standard_normal(40), "F32", "F32")
+    assert all(ckpt.tensors[n].shape == e.shape for n, e in entries.items())
+    SparseDiff(entries, DiffMeta()).save(tmp_path / "d.sft")
+    result = convert(str(tmp_path / "d.sft"), tmp_path / "lora", rank=1000)
+    assert result.lora.rank == 16 and result.lora.requested_rank == 1000
+    assert result.lora.errors[QUERY] < 1e-6 and result.lora.errors[EMBED] < 1e-6
+    assert any("exceeds the smaller side" in n for n in result.notes)
+    size = sum(p.stat().st_size for p in (tmp_path / "lora").iterdir())
+    assert size < 20_000  # rank 16 factors, not rank 1000 (which would be ~300 kB)
+    peft.PeftModel.from_pretrained(tiny_bert(), str(tmp_path / "lora"))  # loads
+
+    # different sizes: the smaller matrix gets its rank through rank_pattern, with scaling 1
+    small = {QUERY: entries[QUERY], "bert.encoder.layer.0.attention.self.key.weight": SparseEntry.from_float(
+        (16, 16), np.arange(16) * 17, rng.standard_normal(16), "F32", "F32")}
+    small["x.proj.weight"] = SparseEntry.from_float((4, 16), np.arange(8), rng.standard_normal(8), "F32", "F32")
+    SparseDiff(small, DiffMeta()).save(tmp_path / "s.sft")
+    out = convert(str(tmp_path / "s.sft"), tmp_path / "lora-s", rank=8).lora
+    config = json.loads((tmp_path / "lora-s" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["rank_pattern"] == {r"x\.proj": 4} and config["alpha_pattern"] == {r"x\.proj": 4}
+    assert out.capped == {"x.proj": 4}
+    back = load_foreign(str(tmp_path / "lora-s"), density=1.0)
+    np.testing.assert_allclose(back.entries["x.proj.weight"].to_dense(), small["x.proj.weight"].to_dense(), atol=1e-6)
+
+
+def test_lora_module_with_dense_and_sparse_weight_needs_the_base(base_dir, tmp_path):
+    """classifier.bias dense + classifier.weight sparse: saved whole with --base (exact), else dropped."""
+    ckpt = Checkpoint.open(base_dir)
+    rng = np.random.default_rng(4)
+    entries = {QUERY: SparseEntry.from_float((16, 16), np.arange(0, 256, 7), rng.standard_normal(37), "F32", "F32"),
+               CLASSIFIER_W: SparseEntry.from_float((3, 16), np.array([2, 20]), np.array([0.5, -0.5]), "F32", "F32"),
+               CLASSIFIER_B: DenseEntry(np.array([1.0, 2.0, 3.0], np.float32), "F32", "F32")}
+    SparseDiff(entries, DiffMeta()).save(tmp_path / "d.sft")
+    without = convert(str(tmp_path / "d.sft"), tmp_path / "a", rank=16).lora
+    assert sorted(without.unrepresented) == [CLASSIFIER_B, CLASSIFIER_W]
+    with_base = convert(str(tmp_path / "d.sft"), tmp_path / "b", rank=16, base=str(base_dir)).lora
+    assert with_base.unrepresented == [] and with_base.modules_to_save == ["classifier"]
+    adapted = peft.PeftModel.from_pretrained(tiny_bert(), str(tmp_path / "b")).merge_and_unload()
+    got = state(adapted)
+    expected_w = ckpt.array(CLASSIFIER_W).reshape(-1).copy()
+    expected_w[[2, 20]] += np.array([0.5, -0.5], np.float32)
+    np.testing.assert_array_equal(got[CLASSIFIER_W].reshape(-1), expected_w)
+    np.testing.assert_array_equal(got[CLASSIFIER_B], [1.0, 2.0, 3.0])
+
+
+def test_lora_export_spells_names_as_the_base(base_dir, tmp_path):
+    """A diff cut against a bare BertModel (no `bert.` prefix), exported with --base the head model:
+    the adapter's keys carry the prefix, so PEFT loads them (it silently skips unknown keys)."""
+    rng = np.random.default_rng(6)
+    bare = QUERY[len("bert."):]
+    entry = SparseEntry.from_float((16, 16), np.arange(0, 256, 5), rng.standard_normal(52) * 0.1, "F32", "F32")
+    SparseDiff({bare: entry, CLASSIFIER_B: DenseEntry(np.array([1.0, 2.0, 3.0], np.float32))}).save(tmp_path / "d.sft")
+    report = convert(str(tmp_path / "d.sft"), tmp_path / "lora", rank=16, base=str(base_dir)).lora
+    assert {t.name for t in report.tensors} == {QUERY, CLASSIFIER_B}
+    merged = state(peft.PeftModel.from_pretrained(tiny_bert(), str(tmp_path / "lora")).merge_and_unload())
+    np.testing.assert_allclose(merged[QUERY] - state(tiny_bert())[QUERY], entry.to_dense(), atol=1e-6)
+
+
+def test_lora_export_of_a_diff_without_lora_modules_is_refused(tmp_path):
+    SparseDiff({CLASSIFIER_B: DenseEntry(np.ones(3, np.float32))}).save(tmp_path / "d.sft")
+    with pytest.raises(FormatError, match="no 2-D .weight sparse entries"):
+        convert(str(tmp_path / "d.sft"), tmp_path / "lora", rank=4)
+    assert not (tmp_path / "lora").exists()
+
+
+def _peft_load(model, folder: Path):
+    """PeftModel.from_pretrained, failing on PEFT's "missing adapter keys" warning (the weights it
+    names stay at LoRA's zero init: the adapter silently does nothing there)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        adapted = peft.PeftModel.from_pretrained(model, str(folder)).eval()
+    missing = [str(w.message)[:300] for w in caught if "missing adapter keys" in str(w.message).lower()]
+    assert not missing, missing
+    return adapted
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_lora_export_of_a_head_diff_cut_against_a_bare_base_is_spelled_for_the_head_model(tmp_path, with_base):
+    """`create` against a bare BertModel from a BertForTokenClassification fine-tune: names
+    `encoder.*` plus a dense `classifier.*` and a config patch naming the head model. The adapter
+    can only be loaded onto that model (it carries the head), so its keys are spelled as it spells
+    them (`bert.encoder.*`, `classifier`); PEFT then finds every weight, and base + adapter gives
+    the logits of base + diff baked. Before, the keys were spelled bare and every LoRA weight was
+    left at zero."""
+    import sftdiff
+
+    config = transformers.BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=32)
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(tmp_path / "base")
+    torch.manual_seed(1)
+    ft = transformers.BertForTokenClassification.from_pretrained(tmp_path / "base", num_labels=3)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in ft.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    ft.save_pretrained(tmp_path / "ft")
+    # biases of LoRA-adapted layers have no place in an adapter: leave them (and norms) out of the cut
+    run = [sys.executable, "-m", "sftdiff"]
+    proc = subprocess.run(run + ["create", str(tmp_path / "base"), str(tmp_path / "ft"), "-o", str(tmp_path / "task.sft"),
+                                 "--density", "0.2", "--exclude", "*LayerNorm*", "--exclude", "*.bias"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    task = SparseDiff.load(tmp_path / "task.sft")
+    assert task.meta.config_patch["architectures"] == ["BertForTokenClassification"]
+    assert "encoder.layer.0.attention.self.query.weight" in task.entries and CLASSIFIER_W in task.entries
+
+    args = ["convert", str(tmp_path / "task.sft"), "--rank", "64", "-o", str(tmp_path / "lora"), "--json"]
+    proc = subprocess.run(run + args + (["--base", str(tmp_path / "base")] if with_base else []),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)["lora"]
+    assert summary["target_model"] == "BertForTokenClassification"
+    assert any("BertForTokenClassification" in n for n in summary["notes"])
+    rows = {row["name"]: row for row in summary["tensors"]}
+    assert rows["bert.encoder.layer.0.attention.self.query.weight"]["kind"] == "lora"
+    assert rows["bert.embeddings.word_embeddings.weight"]["kind"] == "lora"
+    assert rows[CLASSIFIER_W]["kind"] == "saved" and summary["modules_to_save"] == ["classifier"]
+    assert summary["total_error"] < 1e-5 and not [r for r in rows.values() if r["kind"] == "dropped"]
+    adapter = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert adapter["modules_to_save"] == ["classifier"]
+
+    sftdiff.bake(str(tmp_path / "base"), [str(tmp_path / "task.sft")], tmp_path / "baked")
+    baked = transformers.AutoModelForTokenClassification.from_pretrained(tmp_path / "baked").eval()
+    # the model a user loads the adapter onto: the bare base as the head model the diff's config names
+    head_config = transformers.AutoConfig.from_pretrained(tmp_path / "baked")
+    plain = transformers.AutoModelForTokenClassification.from_pretrained(tmp_path / "base", config=head_config)
+    adapted = _peft_load(plain, tmp_path / "lora")
+    np.testing.assert_allclose(_logits(adapted), _logits(baked), rtol=1e-4, atol=1e-4)
+    # the encoder's deltas matter: the baked head on the unchanged encoder gives other logits
+    encoder_only = transformers.AutoModelForTokenClassification.from_pretrained(tmp_path / "base", config=head_config)
+    with torch.no_grad():
+        encoder_only.classifier.weight.copy_(baked.classifier.weight)
+        encoder_only.classifier.bias.copy_(baked.classifier.bias)
+    assert not np.allclose(_logits(encoder_only.eval()), _logits(baked), atol=1e-3)
+
+
+def test_lora_export_without_an_architecture_keeps_the_diffs_spelling(base_dir, tmp_path):
+    """No architecture in the config patch: no target model is known, names stay as the diff spells them."""
+    rng = np.random.default_rng(7)
+    bare = QUERY[len("bert."):]
+    entry = SparseEntry.from_float((16, 16), np.arange(0, 256, 5), rng.standard_normal(52) * 0.1, "F32", "F32")
+    SparseDiff({bare: entry}, DiffMeta(config_patch={"num_labels": 3})).save(tmp_path / "d.sft")
+    report = convert(str(tmp_path / "d.sft"), tmp_path / "lora", rank=16).lora
+    assert report.target_model is None and report.to_json()["target_model"] is None
+    assert {t.name for t in report.tensors} == {bare}

@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from sftdiff.diff import DenseEntry, DiffMeta, SparseDiff, SparseEntry
-from sftdiff.errors import FormatError
+from sftdiff.errors import FormatError, UsageError
 from sftdiff.formats import convert, load_foreign
 
 
@@ -78,7 +78,7 @@ def test_dense_entries_need_the_base_to_become_deltas(tmp_path):
     save_file(base, str(tmp_path / "base.safetensors"))
     replacement = np.arange(6, dtype=np.float32).reshape(2, 3)
     SparseDiff({"h.weight": DenseEntry(replacement)}, DiffMeta()).save(tmp_path / "d.sft")
-    with pytest.raises(FormatError, match="pass --base"):
+    with pytest.raises(UsageError, match="pass --base"):
         convert(str(tmp_path / "d.sft"), tmp_path / "tv.safetensors")
     convert(str(tmp_path / "d.sft"), tmp_path / "tv.safetensors", base=str(tmp_path / "base.safetensors"))
     np.testing.assert_array_equal(load_file(str(tmp_path / "tv.safetensors"))["h.weight"], replacement - 0.25)
@@ -117,3 +117,51 @@ def test_cli_errors_are_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "sftdiff", "convert", str(tmp_path / "tv.safetensors"), "--from",
                            "task-vector", "-d", "1", "-o", str(tmp_path / "exists.sft")], capture_output=True, text=True)
     assert proc.returncode == 5 and "--force" in proc.stderr
+
+
+def test_head_the_base_lacks_is_written_in_full_and_read_back_dense(tmp_path):
+    """Issue 12: `convert task.sft --to task-vector --base base/` with a dense head the base lacks
+    crashed with KeyError; the head has no delta, so its full value is written and marked."""
+    base = {"bert.h.weight": np.full((2, 3), 0.25, np.float32), "bert.emb.weight": np.zeros((4, 2), np.float32)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    rng = np.random.default_rng(0)
+    head_w, head_b = rng.standard_normal((3, 3)).astype(np.float32), rng.standard_normal(3).astype(np.float32)
+    resized = rng.standard_normal((6, 2)).astype(np.float32)  # the base's embedding has 4 rows
+    entries = {"h.weight": DenseEntry(np.ones((2, 3), np.float32)), "classifier.weight": DenseEntry(head_w),
+               "classifier.bias": DenseEntry(head_b), "emb.weight": DenseEntry(resized),
+               "h.bias": SparseEntry.from_float((3,), np.array([1]), np.array([0.5], np.float32))}
+    SparseDiff(entries, DiffMeta()).save(tmp_path / "d.sft")
+    result = convert(str(tmp_path / "d.sft"), tmp_path / "tv.safetensors", base=str(tmp_path / "base.safetensors"))
+    assert result.replacements == ["classifier.bias", "classifier.weight", "emb.weight"]
+    assert any("holds the full value" in n for n in result.notes)
+    written = load_file(str(tmp_path / "tv.safetensors"))
+    np.testing.assert_array_equal(written["classifier.weight"], head_w)
+    np.testing.assert_array_equal(written["emb.weight"], resized)
+    np.testing.assert_array_equal(written["h.weight"], np.full((2, 3), 0.75, np.float32))  # a delta, named via bert.
+    back = load_foreign(str(tmp_path / "tv.safetensors"))
+    assert isinstance(back.entries["classifier.bias"], DenseEntry) and isinstance(back.entries["emb.weight"], DenseEntry)
+    np.testing.assert_array_equal(back.entries["classifier.bias"].values_f32(), head_b)
+    assert isinstance(back.entries["h.weight"], SparseEntry)  # deltas stay deltas
+
+    proc = subprocess.run([sys.executable, "-m", "sftdiff", "convert", str(tmp_path / "d.sft"), "--to", "task-vector",
+                           "--base", str(tmp_path / "base.safetensors"), "-o", str(tmp_path / "tv2.safetensors"),
+                           "--json"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["command"] == "convert" and summary["replacements"] == result.replacements
+    assert summary["dropped_metadata"] == [] and summary["lora"] is None
+
+
+def test_bad_replacements_metadata_is_refused(tmp_path):
+    save_file(deltas(), str(tmp_path / "tv.safetensors"), metadata={"format": "task-vector", "replacements": "[\"zz\"]"})
+    with pytest.raises(FormatError, match="replacements"):
+        load_foreign(str(tmp_path / "tv.safetensors"))
+
+
+def test_budget_larger_than_the_diff_is_said(tmp_path):
+    """Issue 12's sibling of `prune -k 100000` on a small diff: convert -k says it keeps everything."""
+    save_file(deltas(), str(tmp_path / "tv.safetensors"))
+    total = sum(int(np.count_nonzero(v)) for v in deltas().values())
+    result = convert(str(tmp_path / "tv.safetensors"), tmp_path / "a.sft", from_format="task-vector", k=10**6)
+    assert result.nnz == total and any("more than the" in n and "all of them are kept" in n for n in result.notes)
+    assert convert(str(tmp_path / "a.sft"), tmp_path / "b.sft", k=5).notes == []

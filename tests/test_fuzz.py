@@ -49,7 +49,7 @@ def _load_tool():
 fuzz = _load_tool()
 
 # Cases per target in the suite's fixed-seed run (the whole module stays well under a minute).
-CASES = {"sft": 250, "inspect-cli": 120, "checkpoint-safetensors": 150, "checkpoint-sharded": 120,
+CASES = {"sft": 250, "inspect-cli": 120, "sft-vs-spec-reader": 250, "checkpoint-safetensors": 150, "checkpoint-sharded": 120,
          "checkpoint-bin": 80, "composable": 120, "peft-sft": 120, "peft-sft-bin": 60, "lora": 120}
 FUZZ_SETTINGS = dict(derandomize=True, deadline=None, database=None, print_blob=True,
                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,

@@ -124,3 +124,27 @@ def test_cli_table_json_and_errors(tmp_path, capsys):
     assert run(["overlap", pa, pc, "--ignore-base", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["total"]["shared"] == 1
     assert run(["overlap", pa]) == 2
+
+
+@settings(max_examples=30, deadline=None)
+@given(diffs())
+def test_a_parameter_spelled_two_ways_is_one_parameter(a):
+    """The same diff with its names spelled with the base-model prefix overlaps completely, and the
+    rows are named as A spells them; base digests are compared through the same name map."""
+    prefixed = diff_of({"bert." + n: a.entries[n] for n in a.entries})
+    for x, y, names in ((a, prefixed, sorted(a.entries)), (prefixed, a, sorted("bert." + n for n in a.entries))):
+        report = overlap(x, y)
+        assert report.total.jaccard == 1.0 and report.total.shared == a.nnz
+        assert [r.name for r in report.tensors] == names
+
+
+def test_base_digests_are_compared_across_spellings():
+    w = "encoder.layer.0.attention.self.query.weight"
+    e = sparse((6, 5), [1, 2], [1, 2])
+    a = SparseDiff({w: e}, DiffMeta(base={"fingerprint": FP, "tensors": {w: "a" * 32}}))
+    same = SparseDiff({"bert." + w: e},
+                      DiffMeta(base={"fingerprint": "sfp1:" + "1" * 32, "tensors": {"bert." + w: "a" * 32}}))
+    other = SparseDiff({"bert." + w: e}, DiffMeta(base={"fingerprint": FP, "tensors": {"bert." + w: "b" * 32}}))
+    assert overlap(a, same).total.jaccard == 1.0  # fingerprints differ (bare vs head model); digests agree
+    with pytest.raises(VerificationError, match=f"different base tensors for '{w}'"):
+        overlap(a, other)

@@ -104,3 +104,19 @@ def test_cli_plot_options(tmp_path, capsys):
     assert (tmp_path / "o.png").read_bytes().startswith(PNG)
     assert run(["overlap", a, b, "--plot", str(tmp_path / "missing-dir" / "o.png")]) == 5
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("command", ["inspect", "overlap"])
+def test_plot_without_matplotlib_fails_before_any_output(tmp_path, command):
+    """One line, exit 2, and no table printed first (issue 12: it used to print the table, then exit 1)."""
+    import subprocess
+
+    toy_diff(0).save(tmp_path / "a.sft")
+    toy_diff(1).save(tmp_path / "b.sft")
+    files = [str(tmp_path / "a.sft")] + ([str(tmp_path / "b.sft")] if command == "overlap" else [])
+    code = "import sys; sys.modules['matplotlib'] = None\nfrom sftdiff.cli import main\nmain(sys.argv[1:])"
+    proc = subprocess.run([sys.executable, "-c", code, command, *files, "--plot", str(tmp_path / "p.png")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == "", (proc.returncode, proc.stdout)
+    assert proc.stderr.count("\n") == 1 and "pip install 'sftdiff[plot]'" in proc.stderr
+    assert not (tmp_path / "p.png").exists()

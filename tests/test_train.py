@@ -3,6 +3,7 @@ BERT and Llama models built from configs with fixed seeds and offline word-level
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -310,7 +311,7 @@ def test_cli_train_writes_an_lt_sft_language_diff(bert_dir, corpus, tmp_path, ca
     out = tmp_path / "lang.sft"
     run_cli("train", bert_dir, "--text", corpus[0], "--objective", "mlm", "-k", 500, "-o", out,
             "--full-steps", 8, "--sparse-steps", 8, "--lr", 5e-3, "--batch-size", 4, "--seq-len", 24,
-            "--eval-text", corpus[1], "--exclude", "*LayerNorm*", "--device", "cpu", "--quiet")
+            "--eval-text", corpus[1], "--exclude", "*LayerNorm*", "--device", "cpu", "--quiet", "--json")
     diff = SparseDiff.load(out)
     diff.validate()
     sparse = {n for n in diff.entries if diff.info(n).kind == "sparse"}
@@ -321,7 +322,10 @@ def test_cli_train_writes_an_lt_sft_language_diff(bert_dir, corpus, tmp_path, ca
     assert origin["seed"] == 0 and origin["full_steps"] == 8 and origin["held_out_loss"] > 0
     assert 0 < diff.nnz <= 500 and not any("LayerNorm" in n and not n.startswith("cls.") for n in diff.entries)
     assert {n for n in diff.entries if diff.info(n).kind == "dense"} >= {"cls.predictions.transform.dense.weight"}
-    assert "held-out loss" in capsys.readouterr().out
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["command"] == "train" and summary["nnz"] == diff.nnz and summary["output"] == str(out)
+    assert summary["held_out_loss"]["trained"] == origin["held_out_loss"] and summary["held_out_loss"]["base"] > 0
+    assert summary["origin"]["schedule"] == "constant" and summary["origin"]["reset_dense"] is False  # the defaults
     with pytest.raises(SystemExit) as exit_info:  # refuses to overwrite without --force
         run_cli("train", bert_dir, "--text", corpus[0], "--objective", "mlm", "-k", 500, "-o", out)
     assert exit_info.value.code == 5 and "--force" in capsys.readouterr().err
@@ -367,3 +371,331 @@ def test_concentration_warning_names_a_tensor_that_took_most_of_k():
     assert concentration_warning(SparseDiff({"a": entry(500), "b": entry(500)})) is None
     assert concentration_warning(SparseDiff({})) is None
 
+
+
+# -- the paper's procedure, and what LT-SFT exposes (issue 17)
+
+
+def hand_written_lt_sft(model, batches, *, k, steps, lr, seed, schedule, reset_dense, dense_prefix="cls."):
+    """LT-SFT as a plain PyTorch loop in composable-sft's way (dense gradients, masked in phase 2):
+    per phase a fresh AdamW, transformers' linear (or constant) schedule and a reseed. Returns the
+    weights after phase 1 and after phase 2."""
+    params = dict(model.named_parameters())
+    initial = {n: p.detach().clone() for n, p in params.items()}
+    sparse = [n for n in params if not n.startswith(dense_prefix)]
+
+    def phase(masks):
+        torch.manual_seed(seed)
+        optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
+        decay = (lambda s: max(0.0, (steps - s) / steps)) if schedule == "linear" else (lambda s: 1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
+        model.train()
+        for step in range(steps):
+            model(**batches[step % len(batches)]).loss.backward()
+            for name, mask in (masks or {}).items():
+                params[name].grad *= mask  # zero gradient and zero Adam state: the value stays put
+            torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        return {n: p.detach().clone() for n, p in params.items()}
+
+    after_full = phase(None)
+    moved = torch.cat([(after_full[n] - initial[n]).abs().reshape(-1) for n in sparse])
+    threshold = moved.topk(k).values[-1]
+    masks = {n: ((after_full[n] - initial[n]).abs() >= threshold).float() for n in sparse}
+    with torch.no_grad():
+        for name, p in params.items():
+            if name in sparse or reset_dense:
+                p.copy_(initial[name])
+    return after_full, phase(masks)
+
+
+@pytest.mark.parametrize("schedule,reset_dense", [("linear", True), ("constant", False)])
+def test_lottery_ticket_sft_reproduces_a_hand_written_two_phase_loop(bert_dir, schedule, reset_dense):
+    def model():  # with dropout, so that the per-phase reseed matters
+        torch.manual_seed(5)  # the new MLM head
+        return transformers.BertForMaskedLM.from_pretrained(bert_dir, hidden_dropout_prob=0.1)
+
+    batches = [_mlm_batch(s) for s in range(3)]
+    k, steps, lr, seed = 400, 8, 5e-3, 11
+    reference_full, reference = hand_written_lt_sft(model(), batches, k=k, steps=steps, lr=lr, seed=seed,
+                                                    schedule=schedule, reset_dense=reset_dense)
+    ours, seen = model(), {}
+    diff = lottery_ticket_sft(ours, batches, k=k, full_steps=steps, sparse_steps=steps, lr=lr, schedule=schedule,
+                              reset_dense=reset_dense, seed=seed, base=str(bert_dir), keep_trained=True,
+                              after_full=lambda m: seen.update({n: p.detach().clone() for n, p in m.named_parameters()}))
+    assert set(seen) == set(reference_full)
+    for name, value in seen.items():  # the phase-1 model, exposed through the callback
+        torch.testing.assert_close(value, reference_full[name], atol=1e-6, rtol=1e-5)
+    for name, value in dict(ours.named_parameters()).items():  # the final model: base + diff
+        torch.testing.assert_close(value, reference[name], atol=2e-6, rtol=1e-5, msg=name)
+    dense = {n for n, e in diff.entries.items() if isinstance(e, DenseEntry)}
+    assert dense and all(n.startswith("cls.") for n in dense) and 0 < diff.nnz <= k
+    origin = diff.meta.origin
+    assert (origin["schedule"], origin["reset_dense"], origin["seed"]) == (schedule, reset_dense, seed)
+    assert origin["method"] == "lt-sft" and origin["k"] == k
+
+
+def test_reset_dense_decides_where_the_head_starts_phase_two(bert_dir):
+    """reset_dense=False: the head enters phase 2 as phase 1 left it; True: as it was at the start."""
+    batches = [_mlm_batch(s) for s in range(2)]
+    heads = {}
+
+    def run(reset_dense):
+        torch.manual_seed(5)
+        model = transformers.BertForMaskedLM.from_pretrained(bert_dir)
+        start = model.cls.predictions.transform.dense.weight.detach().clone()
+        heads[reset_dense] = []
+
+        def watch(m):
+            heads[reset_dense].append(m.cls.predictions.transform.dense.weight.detach().clone())
+
+        lottery_ticket_sft(model, batches, k=100, full_steps=4, sparse_steps=0, lr=1e-2, reset_dense=reset_dense,
+                           base=str(bert_dir), after_full=watch, keep_trained=True)
+        return start, model.cls.predictions.transform.dense.weight.detach().clone()
+
+    start, after = run(True)
+    assert torch.equal(after, start)  # zero sparse steps: the reset head is what comes out
+    start, after = run(False)
+    assert not torch.equal(after, start) and torch.equal(after, heads[False][0])
+
+
+def test_lm_batches_restart_replays_the_first_pass(bert_dir, corpus):
+    from sftdiff.text import lm_batches, read_blocks
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(bert_dir)
+    batches = lm_batches(read_blocks(str(corpus[0]), tokenizer, 16, "mlm"), 4, "mlm", tokenizer, seed=2)
+    first, second = list(batches), list(batches)
+    assert not torch.equal(first[0]["input_ids"], second[0]["input_ids"])  # each pass reshuffles and remasks
+    batches.restart()
+    for a, b in zip(first, list(batches)):
+        assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_detach_records_what_was_trained_not_the_attached_diffs_origin():
+    from sftdiff.diff import DiffMeta
+
+    model = tiny_llama()
+    mask = random_mask(model, per_tensor=10)
+    source = SparseDiff({n: SparseEntry.from_float(tuple(model.get_parameter(n).shape), i, np.ones(len(i)))
+                         for n, i in mask.items()},
+                        DiffMeta(base={"fingerprint": "sfp1:" + "0" * 32}, origin={"method": "topk", "k": 7},
+                                 user={"language": "sw"}))
+    attach(model, source)
+    train_steps(model, clm_batches(), 6, lr=1e-2, schedule="constant", warmup_steps=2)
+    diff = detach(model, origin={"seed": 4, "corpus": "x.txt"})
+    origin = diff.meta.origin
+    assert origin["method"] == "sparse-training" and origin["mask_from"] == "topk"
+    assert origin["k"] == sum(len(i) for i in mask.values()) and origin["nnz"] == diff.nnz
+    assert (origin["steps"], origin["lr"], origin["schedule"], origin["warmup_steps"]) == (6, 1e-2, "constant", 2)
+    assert origin["seed"] == 4 and origin["corpus"] == "x.txt" and len(origin["loss"]) == 2
+    assert diff.meta.user == {"language": "sw"} and diff.meta.base == source.meta.base  # kept: still true
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_detach_drops_values_that_do_not_change_the_weight(dtype):
+    from sftdiff.inplace import apply_to_model
+
+    model = tiny_llama().to(dtype)
+    name = "model.layers.0.mlp.up_proj.weight"
+    with torch.no_grad():  # ulp at 1000: 6.1e-5 in float32, 4 in bfloat16; at 0.02: 1.9e-9 and 1.2e-4
+        model.get_parameter(name).view(-1)[:8] = torch.tensor([1000.0] * 4 + [0.02] * 4)
+    base = snapshot(model)
+    attach(model, {name: np.arange(8)})
+    delta = getattr(model, "_sftdiff_attached").sparse[name][0].delta
+    with torch.no_grad():  # 1e-5 vanishes on 1000 in either dtype, on 0.02 in bfloat16; 0.5 on 1000 in bfloat16
+        delta.copy_(torch.tensor([1e-5, 0.5, 3.0, 0.0, 1e-5, 0.5, 0.25, 0.0]))
+        expected = model.get_submodule(name.rsplit(".", 1)[0]).weight.detach().clone()  # the trained weight
+    diff = detach(model, keep_trained=True)
+    entry = diff.entries[name]
+    changed = sorted(set(torch.nonzero((expected != base[name]).reshape(-1)).reshape(-1).tolist()))
+    assert entry.indices.tolist() == changed
+    dropped = 1 if dtype == torch.float32 else 3
+    assert diff.meta.origin["unchanged_dropped"] == dropped and len(changed) == 6 - dropped
+    assert torch.equal(model.get_parameter(name), expected)  # keep_trained bakes exactly what trained
+    fresh = tiny_llama().to(dtype)
+    with torch.no_grad():
+        fresh.get_parameter(name).view(-1)[:8] = torch.tensor([1000.0] * 4 + [0.02] * 4)
+    apply_to_model(fresh, diff)
+    assert torch.equal(fresh.get_parameter(name), expected)  # apply reproduces the trained weight
+
+
+def test_extra_modules_train_a_head_outside_the_model_as_dense_entries():
+    from sftdiff.train import trainable_parameters
+
+    model = tiny_llama()
+    head = torch.nn.Linear(LLAMA["hidden_size"], 3)
+    head_start = {n: p.detach().clone() for n, p in head.named_parameters()}
+    mask = random_mask(model, per_tensor=10)
+    attach(model, mask, extra_modules={"classifier": head})
+    params = trainable_parameters(model)
+    assert any(p is head.weight for p in params) and any(p is head.bias for p in params)
+    assert sum(p.numel() for p in params) == sum(len(i) for i in mask.values()) + head.weight.numel() + 3
+
+    def loss_fn(m, batch):
+        hidden = m.model(input_ids=batch["input_ids"]).last_hidden_state[:, 0]
+        return torch.nn.functional.cross_entropy(head(hidden), batch["input_ids"][:, 0] % 3)
+
+    losses = train_steps(model, clm_batches(), 20, lr=1e-2, loss_fn=loss_fn)
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    trained_head = head.weight.detach().clone()
+    diff = detach(model)
+    assert isinstance(diff.entries["classifier.weight"], DenseEntry) and diff.info("classifier.weight").base_dtype is None
+    np.testing.assert_array_equal(diff.entries["classifier.weight"].values_f32(), trained_head.numpy())
+    assert all(torch.equal(p, head_start[n]) for n, p in head.named_parameters())  # restored, like the model
+    assert any(isinstance(e, SparseEntry) for e in diff.entries.values())
+
+    # The same through lottery_ticket_sft: the head is trained in both phases and stored densely.
+    result = lottery_ticket_sft(tiny_llama(), clm_batches(), k=50, full_steps=3, sparse_steps=3, lr=1e-2,
+                                extra_modules={"classifier": head}, loss_fn=loss_fn)
+    assert {"classifier.weight", "classifier.bias"} <= set(result.meta.origin["dense"])
+    assert isinstance(result.entries["classifier.bias"], DenseEntry)
+
+
+def test_training_progress_is_plain_lines_when_stderr_is_not_a_terminal(capsys):
+    model = tiny_llama()
+    attach(model, random_mask(model, per_tensor=5))
+    train_steps(model, clm_batches(), 12, lr=1e-2, desc="sparse", progress=True)
+    detach(model)
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert "\r" not in err and "\x1b" not in err
+    assert lines[0].startswith("sftdiff: sparse step 1/12 loss ") and lines[-1].startswith("sftdiff: sparse step 12/12")
+    assert all(" loss " in line and " lr " in line for line in lines)
+    train_steps(tiny_llama(), clm_batches(), 3, lr=1e-2)
+    assert capsys.readouterr().err == ""  # off unless asked
+
+
+def test_lr_factor_is_transformers_linear_and_constant_schedule():
+    from sftdiff.train import lr_factor
+
+    linear = transformers.get_linear_schedule_with_warmup
+    constant = transformers.get_constant_schedule_with_warmup
+    for make, schedule in ((linear, "linear"), (constant, "constant")):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = make(optimizer, 3, 10) if schedule == "linear" else make(optimizer, 3)
+        for step in range(10):
+            assert lr_factor(step, 10, schedule, 3) == pytest.approx(optimizer.param_groups[0]["lr"]), (schedule, step)
+            optimizer.step()
+            sched.step()
+    with pytest.raises(UsageError, match="schedule"):
+        train_steps(tiny_llama(), clm_batches(), 1, lr=1e-2, schedule="cosine")
+
+
+def test_create_diff_from_in_memory_tensors_records_the_checkpoints_base(bert_dir, tmp_path):
+    from sftdiff.checkpoint import Checkpoint
+    from sftdiff.create import create_diff
+    from sftdiff.overlap import overlap
+    from sftdiff.verify import verify_against_base
+
+    torch.manual_seed(0)
+    model = transformers.BertForMaskedLM.from_pretrained(bert_dir)  # bert.-prefixed names, plus a new head
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if ".layer." in n}  # selectable only
+    tuned = {n: v + 0.01 * torch.randn_like(v) for n, v in start.items()}
+    diff = create_diff(start, tuned, k=300, base_checkpoint=str(bert_dir))
+    assert all(n.startswith("encoder.layer.") for n in diff.entries)  # the checkpoint's spelling
+    made_from_checkpoint = create_diff(str(bert_dir), str(save_state(bert_dir, tuned, tmp_path)), k=300)
+    assert diff.meta.base["fingerprint"] == made_from_checkpoint.meta.base["fingerprint"]
+    assert diff.meta.base["tensors"] == {n: made_from_checkpoint.meta.base["tensors"][n] for n in diff.entries}
+    verify_against_base(diff, Checkpoint.open(bert_dir))  # as apply checks it
+    assert overlap(diff, made_from_checkpoint).total.shared == diff.nnz == 300  # not "made from different bases"
+    other = dict(start)
+    query = "bert.encoder.layer.0.attention.self.query.weight"
+    other[query] = start[query] + 1.0  # not the checkpoint's tensor (and so it holds most of k)
+    with pytest.raises(VerificationError, match="not the base tensor"):
+        create_diff(other, tuned, k=300, base_checkpoint=str(bert_dir))
+
+
+def save_state(bert_dir: Path, tuned: dict, tmp_path: Path) -> Path:
+    """bert_dir's bare model with the `bert.`-prefixed `tuned` tensors loaded, saved to tmp_path/ft."""
+    model = transformers.BertModel.from_pretrained(bert_dir)
+    with torch.no_grad():
+        for name, value in tuned.items():
+            model.get_parameter(name.removeprefix("bert.")).copy_(value)
+    model.save_pretrained(tmp_path / "ft")
+    return tmp_path / "ft"
+
+
+# -- the train/retrain commands as a new user meets them (issue 12)
+
+
+@pytest.fixture(scope="module")
+def other_llama_dir(tmp_path_factory, llama_dir) -> Path:
+    """Same architecture and tokenizer as llama_dir, other weights."""
+    import shutil
+
+    d = tmp_path_factory.mktemp("llama_other")
+    tiny_llama(seed=1).save_pretrained(d)
+    for f in Path(llama_dir).iterdir():
+        if "token" in f.name or f.name == "special_tokens_map.json":
+            shutil.copy(f, d / f.name)
+    return d
+
+
+def cli_exit(*args) -> int:
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(*args)
+    return exit_info.value.code
+
+
+def test_cli_train_fits_the_block_to_the_model_and_reports_plainly(bert_dir, corpus, tmp_path, capsys):
+    out = tmp_path / "lang.sft"
+    run_cli("train", bert_dir, "--text", corpus[0], "--objective", "mlm", "-k", 200, "-o", out, "--full-steps", 2,
+            "--sparse-steps", 2, "--batch-size", 2, "--device", "cpu", "--json")  # default --seq-len 256 > 64
+    captured = capsys.readouterr()
+    err = captured.err
+    assert err.count("--seq-len 256 is longer than the model's 64 positions; using 64") == 1
+    assert "LOAD REPORT" not in err and "corrupted" not in err and "\x1b" not in err and "\r" not in err
+    assert "new in the mlm model: cls.predictions.* (5 tensors)" in err and "unused by it: pooler.dense.*" in err
+    assert "sftdiff: full step 2/2 loss" in err and "sftdiff: sparse step 2/2 loss" in err
+    summary = json.loads(captured.out)
+    assert summary["command"] == "train" and summary["origin"]["seq_len"] == 64
+    assert SparseDiff.load(out).meta.origin["seq_len"] == 64
+
+
+def test_cli_refuses_an_objective_the_architecture_cannot_train(bert_dir, llama_dir, corpus, tmp_path, capsys):
+    for base, objective, said in ((bert_dir, "clm", "encoder"), (llama_dir, "mlm", "decoder-only")):
+        code = cli_exit("train", base, "--text", corpus[0], "--objective", objective, "-k", 10, "-o", tmp_path / "x.sft")
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and said in err and len(err.splitlines()) == 1 and "Traceback" not in err
+        assert f"--objective {objective}" in err
+    assert not (tmp_path / "x.sft").exists()
+
+
+def test_cli_missing_text_says_no_such_file(llama_dir, tmp_path, capsys):
+    for option in ("--text", "--eval-text"):
+        extra = ["--text", tmp_path / "nope.txt"] if option == "--text" else ["--text", __file__, option,
+                                                                             tmp_path / "nope.txt"]
+        code = cli_exit("train", llama_dir, *extra, "--objective", "clm", "-k", 10, "-o", tmp_path / "x.sft")
+        err = capsys.readouterr().err.strip()
+        assert code == 3 and "nope.txt: no such file" in err and "FileNotFoundError" not in err
+        assert len(err.splitlines()) == 1
+
+
+def test_cli_retrain_verifies_the_base_as_apply_does(llama_dir, other_llama_dir, corpus, tmp_path, capsys):
+    from sftdiff.checkpoint import Checkpoint
+    from sftdiff.fingerprint import base_record
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama_dir)
+    mask = random_mask(model, per_tensor=10, seed=3)
+    source = SparseDiff({n: SparseEntry.from_float(tuple(model.get_parameter(n).shape), i, np.ones(len(i)))
+                         for n, i in mask.items()})
+    source.meta.base = base_record(Checkpoint.open(llama_dir), source.entries)
+    source.save(tmp_path / "made-for-llama.sft")
+    capsys.readouterr()  # the test's own model loading
+    args = [tmp_path / "made-for-llama.sft", "--text", corpus[0], "--objective", "clm", "--steps", 1,
+            "--batch-size", 2, "--device", "cpu"]
+    code = cli_exit("retrain", other_llama_dir, *args, "-o", tmp_path / "x.sft")
+    err = capsys.readouterr().err.strip()
+    assert code == 4 and "differs from the one this diff was made from" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x.sft").exists()
+
+    run_cli("retrain", llama_dir, *args, "-o", tmp_path / "ok.sft", "--json")  # default --seq-len 256 > 64
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert summary["command"] == "retrain" and summary["origin"]["method"] == "retrain"
+    assert summary["origin"]["seq_len"] == 64 and summary["origin"]["steps"] == 1
+    assert "using 64" in captured.err
+    retrained = SparseDiff.load(tmp_path / "ok.sft")
+    assert retrained.meta.base["fingerprint"] == source.meta.base["fingerprint"]

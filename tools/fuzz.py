@@ -12,6 +12,12 @@ composable-sft objects with hostile contents. A case passes when the reader succ
 exception, a hang past --case-timeout, a MemoryError under the address-space limit) is a finding,
 saved with a reproducer folder and its traceback. Prints cases tried per target.
 
+The `sft-vs-spec-reader` target is differential: sftdiff's reader and tools/read_sft_numpy.py (written
+from spec/format.md alone) must agree on every mutated file, both refusing it or both accepting it
+with the same entries and values; a disagreement (two readers of one format that differ on what a
+file means, e.g. a header padded with a newline, a `format_version` of " 1.0", a duplicate key in
+the `sft` metadata) is a finding.
+
 The module is importable: tests/test_fuzz.py drives the same targets and mutators with a fixed
 seed and a bounded number of cases.
 """
@@ -297,6 +303,61 @@ def run_sft(case: Path) -> None:
     _use_diff(SparseDiff.load(case / "d.sft"))
 
 
+_NUMPY_READER: Any = None
+
+
+def _numpy_reader() -> Any:
+    """tools/read_sft_numpy.py, the reader written from the spec alone."""
+    global _NUMPY_READER
+    if _NUMPY_READER is None:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("read_sft_numpy", REPO / "tools" / "read_sft_numpy.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _NUMPY_READER = module
+    return _NUMPY_READER
+
+
+def run_sft_vs_spec_reader(case: Path) -> None:
+    """sftdiff and the independent spec reader must agree: both refuse a file, or both accept it
+    and see the same entries with the same values. A disagreement is a finding (two readers of
+    one format that differ on what a file means)."""
+    from sftdiff.diff import SparseDiff, SparseEntry
+
+    reader = _numpy_reader()
+    path = case / "d.sft"
+    ours: Any = None
+    try:
+        ours = SparseDiff.load(path)
+        ours.validate()
+    except FormatError as e:
+        ours = e
+    try:
+        theirs = reader.SftFile(path)
+        for name in theirs.entries:
+            theirs.check(name)
+    except reader.SftReadError as e:
+        theirs = e
+    if isinstance(ours, Exception) and isinstance(theirs, Exception):
+        raise FormatError(f"both readers refuse: {ours}")
+    if isinstance(ours, Exception) or isinstance(theirs, Exception):
+        raise AssertionError(f"readers disagree: sftdiff {'refuses' if isinstance(ours, Exception) else 'accepts'}"
+                             f" ({ours if isinstance(ours, Exception) else ''}), the spec reader "
+                             f"{'refuses' if isinstance(theirs, Exception) else 'accepts'}"
+                             f" ({theirs if isinstance(theirs, Exception) else ''})")
+    if sorted(ours.entries) != sorted(theirs.entries):
+        raise AssertionError("readers see different entries")
+    for name in ours.entries:
+        entry = ours.entries[name]
+        if entry.numel > 1 << 16:
+            continue
+        mine = entry.to_dense() if isinstance(entry, SparseEntry) else entry.values_f32()
+        other = np.asarray(theirs.reconstruct(name), np.float32).reshape(-1)
+        if not np.array_equal(np.asarray(mine).reshape(-1), other):
+            raise AssertionError(f"readers reconstruct entry {name!r} differently")
+
+
 def run_inspect_cli(case: Path) -> None:
     """`sftdiff inspect FILE --json` in-process: exit 0, or exit 3 with exactly one stderr line."""
     from sftdiff.cli import main
@@ -357,6 +418,7 @@ class Target:
 TARGETS: dict[str, Target] = {t.name: t for t in [
     Target("sft", sft_seeds, run_sft),
     Target("inspect-cli", sft_seeds, run_inspect_cli),
+    Target("sft-vs-spec-reader", sft_seeds, run_sft_vs_spec_reader),
     Target("checkpoint-safetensors", checkpoint_seeds, run_checkpoint),
     Target("checkpoint-sharded", sharded_seeds, run_checkpoint),
     Target("checkpoint-bin", bin_seeds, run_checkpoint, needs_torch=True),
@@ -455,7 +517,7 @@ def mutate_safetensors_header(data: bytes, rng: random.Random) -> bytes:
             field_ = rng.choice(["dtype", "shape", "data_offsets", "data_offsets", "extra"])
             if field_ == "dtype":
                 info["dtype"] = rng.choice(["F32", "F16", "BF16", "F64", "I32", "I64", "U8", "I8", "BOOL", "U64",
-                                            "F8_E4M3", "XX", "f32", "", None, 4])
+                                            "F8_E4M3", "XX", "f32", "", None, 4, ["F32"], {"F32": 1}])
             elif field_ == "shape":
                 shape = list(info.get("shape") or [])
                 info["shape"] = rng.choice([[], [0], [-1], [2**63], [2**64], [1.0], ["1"], [True], shape + [1],
@@ -486,7 +548,19 @@ def mutate_safetensors_header(data: bytes, rng: random.Random) -> bytes:
         if isinstance(meta, dict) and meta and rng.random() < 0.85:
             key = rng.choice(list(meta))
             if key == "format_version" and rng.random() < 0.5:
-                meta[key] = rng.choice(["2.0", "1", "1.0.0", "0.9", "01.0", " 1.0", "1.x", "1.99", "", "1.-1"])
+                meta[key] = rng.choice(["2.0", "1", "1.0.0", "0.9", "01.0", " 1.0", "1.x", "1.99", "", "1.-1",
+                                        "+1.0", "1.0 ", "1.0\n", "1_0.0", "1.00", "\u0661.\u0660", "\uff11.0",
+                                        "1." + "9" * 5000, "1" * 5000 + ".0", "10.0", "1.12"])
+            elif key == "sft" and rng.random() < 0.3 and isinstance(meta[key], str) and meta[key].startswith("{"):
+                # the same key twice in one object of the sft JSON: readers must refuse, not pick one
+                text = meta[key]
+                meta[key] = rng.choice([
+                    '{"entries": {}, ' + text[1:],
+                    '{"user": {"kind": "x"}, ' + text[1:],
+                    text.replace('"entries":{', '"entries":{"dup":{"shape":[1]},"dup":{"shape":[2]},', 1),
+                    text.replace('"shape":', '"shape":[3],"shape":', 1),
+                    text.replace('"user":{', '"user":{"\\ud800":"x",', 1),
+                ])
             elif key == "sft" and rng.random() < 0.3:
                 meta[key] = rng.choice(["", "{", "[]", "NaN", '{"entries": NaN}', "{\"entries\": {}}",
                                         "[" * 50000 + "]" * 50000, '{"entries": {}, "x": ' + "9" * 5000 + "}",
@@ -518,8 +592,9 @@ def _textual_header_edit(data: bytes, rng: random.Random) -> bytes:
     elif op == 4:
         i = rng.randrange(len(text))
         text = text[:i] + rng.choice([b"\xff", b"\xc3", b"\x00", b"\\ud800", b" " * 3]) + text[i:]
-    else:
-        text = text + b" " * rng.randint(1, 64) + rng.choice([b"", b"x"])
+    else:  # padding: only spaces are allowed after the JSON object
+        text = text.rstrip(b" ") + rng.choice([b" " * rng.randint(1, 64), b"\n", b"\t", b"\r\n", b" \n ", b"\x00",
+                                               b"\x0c", b"\xc2\xa0"]) + rng.choice([b"", b"", b"x"])
     return len(text).to_bytes(8, "little") + text + body
 
 

@@ -13,6 +13,8 @@ import traceback
 
 import click
 
+from .. import interrupt as _interrupt
+
 from ..errors import SftError
 
 # command name -> "module:function" (relative to this package)
@@ -25,9 +27,12 @@ COMMANDS = {
     "subtract": "algebra:subtract_cmd",
     "scale": "algebra:scale_cmd",
     "overlap": "algebra:overlap_cmd",
+    "filter": "algebra:filter_cmd",
+    "merge": "merge:merge_cmd",
     "convert": "convert:convert_cmd",
     "retrain": "train:retrain_cmd",
     "train": "train:train_cmd",
+    "evaluate": "evaluate:evaluate_cmd",
 }
 
 SHORT_HELP = {
@@ -39,9 +44,12 @@ SHORT_HELP = {
     "subtract": "Subtract one diff from another (A - B).",
     "scale": "Multiply a diff's values by a factor.",
     "overlap": "Measure how much two diffs overlap (interference analysis).",
+    "filter": "Keep or drop a diff's entries by name (e.g. drop a head).",
+    "merge": "Merge many diffs into one (TIES, DARE, DARE-TIES, weighted sum).",
     "convert": "Convert diffs to and from other frameworks' formats.",
     "retrain": "Retrain exactly a diff's entries from the base on a text corpus.",
     "train": "Run the whole LT-SFT pipeline on a text corpus.",
+    "evaluate": "Accuracy or LM loss of a base plus diffs, applied in memory.",
 }
 
 
@@ -77,29 +85,64 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
+# click >= 8.2 raises this for a bare `sftdiff` (older versions print the help themselves)
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).strip().split())
+
+
+def _command_path(args: list[str]) -> str:
+    """`sftdiff CMD` for the command named in `args` (the first known command word), else `sftdiff`."""
+    command = next((a for a in args if a in COMMANDS), None)
+    return f"sftdiff {command}" if command else "sftdiff"
+
+
+def _bad_input_path(e: click.ClickException) -> bool:
+    """click refused a path argument for not existing or being the wrong kind (click.Path checks)."""
+    param = getattr(e, "param", None)
+    return (isinstance(e, click.BadParameter) and not isinstance(e, click.MissingParameter) and param is not None
+            and isinstance(param.type, click.Path) and bool(param.type.exists))
+
+
+def _help_hint(command_path: str) -> str:
+    return f"; see '{command_path} --help'"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: library errors become one line on stderr and a documented exit code."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
-        cli.main(args=args, prog_name="sftdiff", standalone_mode=False)
+        _interrupt.install()
+        _interrupt.guard(cli.main, args=args, prog_name="sftdiff", standalone_mode=False)
     except click.exceptions.Abort:
-        click.echo("sftdiff: interrupted", err=True)
-        sys.exit(130)
+        _interrupt.exit()
+    except _NO_ARGS_IS_HELP as e:  # bare `sftdiff`: the help itself, as click shows it
+        click.echo(e.ctx.get_help(), err=True)
+        sys.exit(2)
     except click.ClickException as e:
-        e.show()
-        sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
+        # One line, as every other error: click's own format is a usage block of three lines.
+        usage = isinstance(e, click.UsageError)
+        message = _one_line(e.format_message()).rstrip(".")
+        command = (e.ctx.command_path if usage and e.ctx is not None else "") or _command_path(args)
+        if _bad_input_path(e):  # a missing file, or a folder for a file: bad input (3), as the library says
+            click.echo(f"sftdiff: error: {message}", err=True)
+            sys.exit(3)
+        click.echo(f"sftdiff: error: {message}{_help_hint(command) if usage else ''}", err=True)
+        sys.exit(2 if usage else e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except SftError as e:
         if debug:
             traceback.print_exc()
-        message = " ".join(str(e).strip().splitlines())  # one line, whatever a message quoted from a file holds
-        click.echo(f"sftdiff: error: {message}", err=True)
+        message = _one_line(str(e))  # one line, whatever a message quoted from a file holds
+        hint = _help_hint(_command_path(args)) if e.exit_code == 2 else ""
+        click.echo(f"sftdiff: error: {message}{hint}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        click.echo("sftdiff: interrupted", err=True)
-        sys.exit(130)
+        _interrupt.exit()
     except OSError as e:
         if debug:
             traceback.print_exc()
@@ -109,3 +152,5 @@ def main(argv: list[str] | None = None) -> None:
     except MemoryError:
         click.echo("sftdiff: error: out of memory", err=True)
         sys.exit(5)
+    finally:
+        _interrupt.finished()

@@ -61,3 +61,25 @@ def say(message: str, quiet: bool = False) -> None:
     """A status line on stderr (stdout is for results, e.g. --json)."""
     if not quiet:
         click.echo(message, err=True)
+
+
+def json_option(f: Callable) -> Callable:
+    """--json: the command's summary as one JSON object on stdout (everything else on stderr)."""
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print the summary as one JSON object on stdout (messages stay on stderr).")(f)
+
+
+def report(summary: dict[str, Any], text: str | None, *, as_json: bool = False, quiet: bool = False) -> None:
+    """End a command: `summary` as one JSON object on stdout with --json, else `text` on stderr.
+
+    Every command that prints a summary goes through here, so `--json` output has one shape
+    convention: a JSON object with a "command" key, keys sorted, non-finite floats as null.
+    """
+    if as_json:
+        import json
+
+        from ..summary import json_safe
+
+        click.echo(json.dumps(json_safe(summary), indent=2, sort_keys=True, ensure_ascii=False))
+    elif text:
+        say(text, quiet)

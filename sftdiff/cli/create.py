@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import click
 
 from ..summary import human_size
-from .common import budget, budget_options, force_option, quiet_option, say, user_field_options, user_fields
+from .common import budget_options, force_option, json_option, quiet_option, report, user_field_options, user_fields
 
 
 @click.command("create")
@@ -30,28 +30,39 @@ from .common import budget, budget_options, force_option, quiet_option, say, use
 @user_field_options
 @force_option
 @quiet_option
+@json_option
 def create_cmd(base: str, finetuned: str, out: str, k: int | None, density: float | None, scope: str,
                include: tuple[str, ...], exclude: tuple[str, ...], dense_globs: tuple[str, ...], dtype: str,
                description: str | None, kind: str | None, language: str | None, task: str | None,
-               force: bool, quiet: bool) -> None:
+               force: bool, quiet: bool, as_json: bool) -> None:
     """Keep the k largest changes FINETUNED made to BASE (checkpoint folders or .safetensors/.bin files)."""
-    from ..atomic import check_can_create
-    from ..create import create_diff
+    from ..atomic import check_can_create, check_not_input
+    from ..create import check_budget, create_diff
 
-    k, density = budget(k, density)
+    check_budget(k, density, scope, cli=True)  # one line, exit 2 (the library's UsageError)
+    check_not_input(out, [base, finetuned])
     check_can_create(Path(out), force)  # fail before the long part, not after it
-    with _warnings_to_stderr():
+    notes: list[str] = []
+    with _warnings_to_stderr(notes):
         diff = create_diff(base, finetuned, k=k, density=density, scope=scope, include=include, exclude=exclude,
                            dense=dense_globs, dtype=dtype,
                            user=user_fields(description=description, kind=kind, language=language, task=task),
-                           progress=not quiet)
+                           progress=not quiet and not as_json)
     diff.save(out, overwrite=force)
-    say(summary_line(out, diff.meta.origin, [i.name for i in diff.infos() if i.kind == "dense"]), quiet)
+    dense = [i.name for i in diff.infos() if i.kind == "dense"]
+    origin = diff.meta.origin
+    summary = {"command": "create", "base": base, "finetuned": finetuned, "output": out,
+               "nnz": origin["nnz"], "k": origin["k"], "scope": origin["scope"], "density": origin["density"],
+               "selectable": origin["selectable_numel"], "selected": origin["selected"], "dtype": origin["dtype"],
+               "dense": dense, "config_patch": diff.meta.config_patch, "bytes": os.path.getsize(out),
+               "warnings": notes}
+    report(summary, summary_line(out, origin, dense), as_json=as_json, quiet=quiet)
 
 
 @contextlib.contextmanager
-def _warnings_to_stderr() -> Iterator[None]:
-    """Show the library's CreateWarnings as they happen, as plain `sftdiff: warning:` lines."""
+def _warnings_to_stderr(notes: list[str] | None = None) -> Iterator[None]:
+    """Show the library's CreateWarnings as they happen, as plain `sftdiff: warning:` lines (and
+    collect them in `notes` for the summary)."""
     from ..create import CreateWarning
 
     with warnings.catch_warnings():
@@ -61,6 +72,8 @@ def _warnings_to_stderr() -> Iterator[None]:
         def show(message: Any, category: type, *args: Any, **kwargs: Any) -> None:
             if issubclass(category, CreateWarning):
                 click.echo(f"sftdiff: warning: {message}", err=True)
+                if notes is not None:
+                    notes.append(str(message))
             else:
                 default(message, category, *args, **kwargs)
 

@@ -16,7 +16,7 @@ from ..algebra import sum_by_index
 from ..checkpoint import Checkpoint
 from ..diff import DenseEntry, DiffMeta, Entry, SparseDiff, SparseEntry
 from ..errors import FormatError, UsageError, VerificationError
-from ..names import map_to_base
+from ..names import NameMap
 from ..select import TopK, per_tensor_count
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -122,12 +122,21 @@ def topk_sparse(entries: Mapping[str, Entry], k: int | None, density: float | No
     return out
 
 
-def base_names(shapes: Mapping[str, tuple[int, ...]], base: Checkpoint, *, source: str) -> dict[str, str]:
-    """Each name's spelling in the base, checking that the base has it with the same shape."""
-    mapping = map_to_base(base.tensors, shapes)
+def base_names(shapes: Mapping[str, tuple[int, ...]], base: Checkpoint, *, source: str,
+               replacements: Iterable[str] = ()) -> dict[str, str]:
+    """Each name's spelling in the base, checking that the base has it with the same shape.
+
+    `replacements` (dense entries) may name a parameter the base lacks (a new head: spelled as
+    the base would, without a prefix it does not use) or has in another shape (a resized
+    embedding): a replacement applies whatever the base holds (spec 3.2)."""
+    names = NameMap(base.tensors, shapes)
+    free = set(replacements)
     out: dict[str, str] = {}
     for name, shape in shapes.items():
-        target = mapping[name]
+        target = names.to_ref(name)
+        if name in free:
+            out[name] = target if target is not None else names.spell(name)
+            continue
         if target is None:
             raise VerificationError(f"{source}: parameter {name!r} does not exist in the base {base.path}")
         if tuple(base.tensors[target].shape) != tuple(shape):
@@ -140,13 +149,17 @@ def base_names(shapes: Mapping[str, tuple[int, ...]], base: Checkpoint, *, sourc
 
 
 def rename_to_base(entries: Mapping[str, Entry], base: Checkpoint, *, source: str) -> dict[str, Entry]:
-    """Entries keyed by the base's spelling of each name, shapes checked against the base."""
-    targets = base_names({name: entry.shape for name, entry in entries.items()}, base, source=source)
-    return {targets[name]: _with_base_dtype(entry, base.tensors[targets[name]].dtype)
+    """Entries keyed by the base's spelling of each name, shapes of sparse entries checked against
+    the base (dense ones replace whatever it holds, or add a parameter it lacks)."""
+    dense = [name for name, entry in entries.items() if isinstance(entry, DenseEntry)]
+    targets = base_names({name: entry.shape for name, entry in entries.items()}, base, source=source,
+                         replacements=dense)
+    return {targets[name]: _with_base_dtype(entry, base.tensors[targets[name]].dtype
+                                            if targets[name] in base.tensors else None)
             for name, entry in entries.items()}
 
 
-def _with_base_dtype(entry: Entry, dtype: str) -> Entry:
+def _with_base_dtype(entry: Entry, dtype: str | None) -> Entry:
     if isinstance(entry, SparseEntry):
         return SparseEntry(entry.shape, entry.indices, entry.values, entry.dtype, dtype)
     return DenseEntry(entry.values, entry.dtype, dtype)

@@ -85,10 +85,32 @@ def _decode_steps(steps: Any, numel: int, where: str) -> np.ndarray:
     return flat
 
 
+_CHECKPOINT_KEYS = ("state_dict", "model", "module", "model_state_dict", "weights")
+
+
+def _state_dict_size(obj: Any) -> int:
+    """Tensors of a plain state dict (name -> tensor), or of one under a training checkpoint's usual
+    key ({'state_dict': ...}, {'model': ...}); 0 for anything else, composable-sft diffs included."""
+    if not isinstance(obj, dict) or "diffs" in obj or "abs" in obj:
+        return 0
+    for key in _CHECKPOINT_KEYS:
+        if isinstance(obj.get(key), dict):
+            return _state_dict_size(obj[key])
+    tensors = sum(isinstance(v, TorchArray) for v in obj.values())
+    if obj and all(isinstance(k, str) for k in obj) and tensors * 2 > len(obj):  # mostly name -> tensor
+        return tensors
+    return 0
+
+
 def read_composable(path: str | Path) -> dict[str, Entry]:
     """Entries of a pytorch_diff.bin, keyed by its own parameter names."""
     obj = load_torch_zip(path)
-    if not isinstance(obj, dict) or not isinstance(obj.get("diffs", {}), dict) or not isinstance(obj.get("abs", {}), dict):
+    tensors = _state_dict_size(obj)
+    if tensors:
+        raise FormatError(f"{path}: this is a model checkpoint ({tensors} tensors), not a diff; use it as BASE "
+                          "(or make a diff from it with `sftdiff create BASE FINETUNED`)")
+    if (not isinstance(obj, dict) or not ("diffs" in obj or "abs" in obj)
+            or not isinstance(obj.get("diffs", {}), dict) or not isinstance(obj.get("abs", {}), dict)):
         raise FormatError(f"{path}: not a composable-sft diff (expected a dict with 'diffs' and 'abs')")
     entries: dict[str, Entry] = {}
     for name, d in obj.get("diffs", {}).items():

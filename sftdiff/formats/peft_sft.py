@@ -16,7 +16,7 @@ import numpy as np
 from ..checkpoint import Checkpoint
 from ..diff import DenseEntry, SparseDiff, SparseEntry
 from ..errors import FormatError
-from ..names import map_to_base
+from ..names import NameMap
 from .common import (PEFT_PREFIX, adapter_base, adapter_hint, canonical_sparse, make_diff,
                      read_adapter_config, read_adapter_weights, strip_peft_prefix, write_adapter)
 
@@ -49,7 +49,7 @@ def load_peft_sft(folder: Path, base: Checkpoint | None, source: str) -> SparseD
     modules = _modules(read_adapter_weights(folder), folder)
     base = adapter_base(config, base, folder, needed_for="importing a PEFT-SFT adapter")
     params = [m + ".weight" for m in modules]
-    mapping = map_to_base(base.tensors, params)
+    mapping = NameMap(base.tensors, params).lookup(params)
     entries = {}
     for module, (indices, values) in modules.items():
         target = mapping[module + ".weight"]
@@ -65,13 +65,19 @@ def export_peft_sft(diff: SparseDiff, out: Path, *, overwrite: bool) -> Path:
     """An adapter folder with one sft_delta per `.weight` entry (row-major, sorted indices)."""
     tensors: dict[str, np.ndarray] = {}
     modules = []
+    dense = [n for n in sorted(diff.entries) if isinstance(diff.entries[n], DenseEntry)]
+    other = [n for n in sorted(diff.entries) if n not in dense and not n.endswith(".weight")]
+    if dense or other:
+        # One command that drops every such entry, so following the hint works the first time.
+        globs = sorted({f"*.{n.rsplit('.', 1)[1]}" if "." in n else n for n in other})
+        drop = " ".join((["--no-dense"] if dense else []) + [f"--exclude '{g}'" for g in globs])
+        raise FormatError(
+            f"{len(dense) + len(other)} entries (e.g. {(dense + other)[0]!r}) cannot be written as PEFT-SFT, which "
+            f"holds sparse deltas of .weight parameters only; drop them with `sftdiff filter {diff.path or 'DIFF'} "
+            f"{drop} -o OUT.sft` or export to another format"
+        )
     for name in sorted(diff.entries):
         entry = diff.entries[name]
-        if isinstance(entry, DenseEntry) or not name.endswith(".weight"):
-            raise FormatError(
-                f"entry {name!r} cannot be written as PEFT-SFT, which holds sparse deltas of .weight "
-                "parameters only; prune it from the diff or export to another format"
-            )
         assert isinstance(entry, SparseEntry)
         module = name[: -len(".weight")]
         modules.append(module)

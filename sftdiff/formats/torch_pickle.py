@@ -96,11 +96,20 @@ def _torch_size(dims: Any = ()) -> tuple[int, ...]:
     return tuple(dims)
 
 
+class _OrderedDict(dict):
+    """A dict that takes the attribute state `state_dict()` results carry (`_metadata`, pickled with
+    BUILD) and drops it, so a model's state dict unpickles far enough to be recognized."""
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
 def _ordered_dict(*args: Any) -> dict:
-    """Stand-in for `collections.OrderedDict()` (torch pickles an empty one as backward hooks)."""
+    """Stand-in for `collections.OrderedDict()` (torch pickles an empty one as backward hooks, and
+    state dicts as one filled by SETITEMS)."""
     if args:
         raise FormatError("unexpected OrderedDict contents in the pickle")
-    return {}
+    return _OrderedDict()
 
 
 def _rebuild_tensor_v2(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False,
@@ -158,6 +167,11 @@ class SafeTorchUnpickler(pickle.Unpickler):
         try:
             return _GLOBALS[(module, name)]
         except KeyError:
+            if module.startswith(("transformers.", "torch.nn.")):
+                raise FormatError(
+                    f"refused to load: the pickle holds a whole model object ({module}.{name}), not tensors; "
+                    "if it is a model, save its state_dict (or save_pretrained) and use it as BASE"
+                ) from None
             raise FormatError(
                 f"refused to load: the pickle names {module}.{name}, which a tensor file never needs "
                 "(it could run code)"

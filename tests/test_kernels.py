@@ -1,0 +1,190 @@
+"""The compiled pass-1 kernel (sftdiff/kernels.py, numba) against create's numpy code: the same candidates
+bit for bit on every dtype pair, including ties at the floor, zeros of both signs, subnormals, ±inf and
+NaN, and byte-identical `.sft` output from `create` with and without it.
+
+Needs numba (the `fast` extra); without it `create` runs the numpy code these tests compare against."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+
+from sftdiff import kernels  # noqa: E402
+from sftdiff.dtypes import STORAGE, from_float32  # noqa: E402
+from sftdiff.errors import FormatError  # noqa: E402
+from sftdiff.safetensors_io import StreamingWriter  # noqa: E402
+from sftdiff.select import TopK  # noqa: E402
+
+create = importlib.import_module("sftdiff.create")  # the module (sftdiff.create is also the function)
+DTYPES = ["BF16", "F16", "F32", "F64"]
+
+
+@pytest.fixture(autouse=True)
+def _kernel_loaded():
+    assert kernels.available(), "numba is installed, so the kernel must load"
+
+
+def _stored(values: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "F64":
+        return values.astype(np.float64)
+    with np.errstate(over="ignore"):
+        return from_float32(values.astype(np.float32), dtype)
+
+
+def _edge_values(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A base and a fine-tune (float32) whose differences include exact ties, zeros of both signs,
+    subnormal and huge values, overflow to inf after rounding to float16, and equal inputs."""
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal(n).astype(np.float32) * np.float32(0.02)
+    ft = base + rng.standard_normal(n).astype(np.float32) * np.float32(0.004)
+    ft[::7] = base[::7]  # unchanged
+    ft[3::11] = base[3::11] + np.float32(0.0078125)  # many identical magnitudes (exact in every dtype)
+    base[5::13], ft[5::13] = 0.0, -0.0
+    base[6::17], ft[6::17] = 1e-41, -1e-41  # float32 subnormals (flush to zero in F16/BF16 rounding)
+    base[8::19], ft[8::19] = 3e-8, -2e-8  # float16 subnormals
+    base[9::23], ft[9::23] = 60000.0, -60000.0  # |Δ| 120000: finite in float32, beyond float16's range
+    return base, ft
+
+
+def _numpy_scan(b: np.ndarray, bd: str, f: np.ndarray, fd: str, lo: int, hi: int, floor: float,
+                monkeypatch: pytest.MonkeyPatch) -> tuple[np.ndarray, np.ndarray]:
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "_kernel", False)  # as without numba: create's numpy code
+        t = create._Tensor(create.Pair("w", "w"), b, bd, f, fd, TopK(1, floor=floor), 0)
+        return create._scan(t, lo, hi)
+
+
+def _floors(b: np.ndarray, bd: str, f: np.ndarray, fd: str) -> list[float]:
+    """0 (every nonzero), a magnitude many positions share (ties at the floor), the values just
+    around it, and the median magnitude."""
+    mags = np.concatenate([m.copy() for _, m in create.abs_delta_slices(b, bd, f, fd)])
+    tie = float(np.float32(0.0078125))
+    finite = mags[np.isfinite(mags) & (mags > 0)]
+    return [0.0, tie, float(np.nextafter(np.float32(tie), np.float32(1))),
+            float(np.nextafter(np.float32(tie), np.float32(0))), float(np.median(finite)), 1e-45]
+
+
+@pytest.mark.parametrize("bd", DTYPES)
+@pytest.mark.parametrize("fd", DTYPES)
+def test_kernel_matches_numpy_scan_bit_for_bit(bd, fd, monkeypatch):
+    base, ft = _edge_values(5003, seed=len(bd) * 7 + len(fd))
+    b, f = _stored(base, bd), _stored(ft, fd)
+    for floor in _floors(b, bd, f, fd):
+        threshold = create._threshold_bits(floor)
+        for lo, hi in [(0, b.size), (1, 4097), (2, 3), (777, 777 + 129)]:  # odd starts: BF16 pairs split
+            expect_idx, expect_mag = _numpy_scan(b, bd, f, fd, lo, hi, floor, monkeypatch)
+            got_idx, got_mag = kernels.scan(b, bd, f, fd, lo, hi, threshold)
+            assert got_idx.dtype == np.int64 and got_mag.dtype == np.float32
+            assert np.array_equal(got_idx, expect_idx), (bd, fd, floor, lo, hi)
+            assert np.array_equal(got_mag.view(np.uint32), expect_mag.view(np.uint32)), (bd, fd, floor, lo, hi)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_lets_nan_and_inf_through_like_numpy(dtype, monkeypatch):
+    base = np.array([0.5, 0.25, 1.0, -2.0, np.inf, np.nan, 1.0], np.float32)
+    ft = np.array([0.5, np.nan, -np.inf, np.inf, np.inf, 1.0, 1.0], np.float32)
+    b, f = _stored(base, dtype), _stored(ft, dtype)
+    threshold = create._threshold_bits(1000.0)  # a floor no finite |Δ| here reaches
+    with np.errstate(invalid="ignore"):
+        expect_idx, expect_mag = _numpy_scan(b, dtype, f, dtype, 0, b.size, 1000.0, monkeypatch)
+    got_idx, got_mag = kernels.scan(b, dtype, f, dtype, 0, b.size, threshold)
+    assert list(got_idx) == list(expect_idx) == [1, 2, 3, 4, 5]  # NaN, inf, inf, inf − inf = NaN, NaN
+    assert np.array_equal(got_mag.view(np.uint32), expect_mag.view(np.uint32))
+
+
+def test_kernel_is_used_and_can_be_turned_off(monkeypatch):
+    b = np.arange(10, dtype=np.float32)
+    assert kernels.scan(b, "F32", b + 1, "F32", 0, 10, create._threshold_bits(0.0)) is not None
+    monkeypatch.setattr(kernels, "_kernel", None)
+    monkeypatch.setenv("SFTDIFF_NUMBA", "0")
+    assert not kernels.available() and kernels._kernel is False  # decided once
+    assert kernels.scan(b, "F32", b + 1, "F32", 0, 10, create._threshold_bits(0.0)) is None
+
+
+def test_kernel_loads_only_after_warmup_values(monkeypatch):
+    """A small model never imports numba; a big one does once numpy has scanned WARMUP_VALUES."""
+    monkeypatch.setattr(kernels, "_kernel", None)
+    monkeypatch.setattr(kernels, "_numpy_values", 0)
+    monkeypatch.setattr(kernels, "WARMUP_VALUES", 25)
+    monkeypatch.delitem(sys.modules, "numba")  # as in a process that has not imported it
+    b = np.arange(10, dtype=np.float32)
+    threshold = create._threshold_bits(0.0)
+    assert kernels.scan(b, "F32", b + 1, "F32", 0, 10, threshold) is None
+    assert kernels.scan(b, "F32", b + 1, "F32", 0, 10, threshold) is None
+    assert kernels._kernel is None and kernels._numpy_values == 20
+    assert kernels.scan(b, "F32", b + 1, "F32", 0, 10, threshold) is None  # 30 >= 25 now
+    got = kernels.scan(b, "F32", b + 1, "F32", 0, 10, threshold)
+    assert got is not None and list(got[0]) == list(range(10))
+
+
+def test_big_endian_input_falls_back():
+    b = np.arange(10, dtype=">f4")
+    assert kernels.scan(b, "F32", b, "F32", 0, 10, create._threshold_bits(0.0)) is None
+
+
+# ---------------------------------------------------------------- whole diffs, byte for byte
+
+
+def _write_checkpoint(folder: Path, tensors: dict[str, tuple[np.ndarray, str]]) -> None:
+    folder.mkdir(parents=True)
+    names = sorted(tensors)
+    with open(folder / "model.safetensors", "wb") as fh:
+        writer = StreamingWriter(fh, [(n, tensors[n][1], tensors[n][0].shape) for n in names], {"format": "pt"})
+        for n in names:
+            writer.write(n, tensors[n][0])
+        writer.close()
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert"}))
+
+
+def _pair(root: Path, dtype: str, seed: int, poison: float | None = None) -> tuple[Path, Path]:
+    rng = np.random.default_rng(seed)
+    base, ft = {}, {}
+    for i, shape in enumerate([(64, 48), (48,), (1 << 11, 96), (3, 5)]):
+        b, f = _edge_values(int(np.prod(shape)), seed + i)
+        if poison is not None and i == 2:
+            f[100] = poison
+        base[f"layer.{i}.weight"] = (_stored(b, dtype).reshape(shape), dtype)
+        ft[f"layer.{i}.weight"] = (_stored(f, dtype).reshape(shape), dtype)
+    base["position_ids"] = ft["position_ids"] = (np.arange(8, dtype=np.int64), "I64")
+    _write_checkpoint(root / "base", base)
+    _write_checkpoint(root / "ft", ft)
+    del rng
+    return root / "base", root / "ft"
+
+
+def _create_bytes(base: Path, ft: Path, out: Path, **kwargs) -> bytes:
+    create.create_diff(base, ft, **kwargs).save(out)
+    return out.read_bytes()
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+@pytest.mark.parametrize("options", [dict(density=0.01), dict(k=4000), dict(density=0.05, scope="per-tensor"),
+                                     dict(density=0.02, dtype="bf16")], ids=["density", "k", "per-tensor", "bf16"])
+def test_create_output_byte_identical_with_and_without_kernel(dtype, options, tmp_path, monkeypatch):
+    base, ft = _pair(tmp_path, dtype, seed=3)
+    with_kernel = _create_bytes(base, ft, tmp_path / "fast.sft", **options)
+    monkeypatch.setattr(kernels, "_kernel", False)
+    without = _create_bytes(base, ft, tmp_path / "numpy.sft", **options)
+    assert with_kernel == without
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_create_refuses_nan_and_inf_the_same_way(poison, tmp_path, monkeypatch):
+    base, ft = _pair(tmp_path, "F32", seed=5, poison=poison)
+    with pytest.raises(FormatError) as fast:
+        create.create_diff(base, ft, density=0.01)
+    monkeypatch.setattr(kernels, "_kernel", False)
+    with pytest.raises(FormatError) as slow:
+        create.create_diff(base, ft, density=0.01)
+    assert str(fast.value) == str(slow.value) and "NaN or infinity" in str(fast.value)
+
+
+def test_storage_dtypes_cover_the_kernel_kinds():
+    assert set(kernels._KIND) <= set(STORAGE)
