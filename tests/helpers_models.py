@@ -122,3 +122,11 @@ def run_main(args: list[str]) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     return 0
+
+
+def run_cli(args: list, capsys: Any) -> tuple[int, str, str]:
+    """Run the CLI in-process on `args` (paths allowed): (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    code = run_main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err

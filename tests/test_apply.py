@@ -14,15 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers_models import (build, head_arrays, random_diff, rounded, save, state_numpy, tiny_bert_config,
-                            tiny_llama_config, tree_hashes)
+from helpers_models import (build, head_arrays, random_diff, rounded, run_cli, save, state_numpy,
+                            tiny_bert_config, tiny_llama_config, tree_hashes)
 import torch
 import transformers
 
 from sftdiff.bake import OutputTensor, bake, parse_size, plan_shards
 from sftdiff.inplace import AppliedDiff, apply_to_model, revert_from_model
 from sftdiff.checkpoint import Checkpoint
-from sftdiff.cli import main
 from sftdiff.diff import SparseDiff
 from sftdiff.errors import UsageError, VerificationError
 from sftdiff.safetensors_io import SafetensorsFile
@@ -30,17 +29,6 @@ from sftdiff.safetensors_io import SafetensorsFile
 REPO = Path(__file__).resolve().parents[1]
 LABELS = {"id2label": {"0": "O", "1": "B", "2": "I"}, "label2id": {"O": 0, "B": 1, "I": 2}}
 TASK_PATCH = {"architectures": ["BertForTokenClassification"], "num_labels": 3, **LABELS}
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def leftovers(folder: Path, name: str) -> list[str]:

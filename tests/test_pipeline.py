@@ -11,20 +11,9 @@ import pytest
 import torch
 import transformers
 
-from helpers_models import build, save, tiny_bert_config, tree_hashes
+from helpers_models import build, run_cli, save, tiny_bert_config, tree_hashes
 from sftdiff.cli import main
 from sftdiff.diff import SparseDiff
-
-
-def run_cli(args: list, capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
