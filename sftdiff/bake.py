@@ -292,7 +292,7 @@ def bake(base: str | os.PathLike | Checkpoint, diffs: Sequence[str | os.PathLike
     shards = plan_shards(plan, max_bytes)
     names = shard_names(len(shards))
     config = merged_config(ckpt.config, layers, target_dtype, warn=lambda m: (notes.append(m), report(m)))
-    recipe = recipes.build(ckpt, layers, target_dtype, out, hashes)  # what the output is: shard metadata, README.md
+    recipe = recipes.build(ckpt, layers, target_dtype, out, hashes, digests)  # what the output is: shard metadata, README.md
     metadata = recipes.shard_metadata(recipe, OUTPUT_METADATA)
     sources = _Buffers(ckpt)
     bar = progress_bar(total=len(plan), desc="apply", enabled=progress)

@@ -74,15 +74,17 @@ class Hashes:
 
 
 def build(base: Any, layers: Sequence[Any], dtype: str | None, out: str | os.PathLike,
-          hashes: Hashes | None = None) -> dict[str, Any]:
+          hashes: Hashes | None = None, digests: Any = None) -> dict[str, Any]:
     """The recipe of baking `layers` (bake's `Layer`s: diff, scale, with_dense, label) into `base`
     (a `Checkpoint`) at `out`. Hashes each diff's file (or entries; `hashes`, when started earlier
-    for the same diffs in order) and samples the base's tensors for its fingerprint, as `create` does."""
+    for the same diffs in order) and samples the base's tensors for its fingerprint, as `create` does
+    (`digests`: the `verify.BaseDigests` verification already filled, so no tensor is sampled twice)."""
     from . import __version__
-    from .fingerprint import checkpoint_digests, model_fingerprint
+    from .fingerprint import model_fingerprint
+    from .verify import BaseDigests
 
     hashes = hashes or Hashes([layer.diff for layer in layers])
-    base_fingerprint = model_fingerprint(checkpoint_digests(base))
+    base_fingerprint = model_fingerprint((digests or BaseDigests(base)).all())
     diffs = []
     for layer, (fingerprint, of) in zip(layers, hashes.result()):
         d = layer.diff

@@ -18,7 +18,7 @@ from .checkpoint import Checkpoint
 from .diff import SparseDiff
 from .dtypes import FLOAT_DTYPES
 from .errors import VerificationError
-from .fingerprint import checkpoint_digests, model_fingerprint, tensor_digest
+from .fingerprint import model_fingerprint, tensor_digest
 from .names import NameMap
 
 
@@ -47,12 +47,14 @@ class BaseDigests:
             self.base.release(name)  # sampled pages would otherwise stay resident for the whole run
         return self._digests[name]
 
+    def all(self) -> dict[str, str]:
+        """Digests of every tensor the model fingerprint counts (as `checkpoint_digests`), each once."""
+        return {name: self.digest(name) for name in self.base.float_names()}
+
     def fingerprints(self, diff_names: list[str]) -> set[str]:
         """Model fingerprints of the base as spelled as-is and with the diff's prefix convention
         (a diff made from `BertForMaskedLM` recorded `bert.`-prefixed names)."""
-        own = checkpoint_digests(self.base)  # 64 KiB per tensor: cheap enough to compute once here
-        for name in own:
-            self.base.release(name)
+        own = self.all()
         found = {model_fingerprint(own)}
         m = NameMap(own, diff_names)
         added, stripped = m.added, m.stripped
