@@ -755,17 +755,19 @@ def read_task_data(objective: str, data: str | Path | Sequence[str | Path], *, e
 def prepare_task(base: str | Path, objective: str, data: str | Path | Sequence[str | Path], *,
                  eval_data: str | Path | None = None, batch_size: int = 8, seq_len: int | None = None, seed: int = 0,
                  format: str = "auto", label_column: str | int | None = None, text_column: str = "text",
-                 pair_column: str = "text_pair") -> TaskData:
-    """Read the labelled data, build the label set from it, load `base` with a new head for it
+                 pair_column: str = "text_pair",
+                 read: tuple[list[LabelledData], LabelledData | None, LabelSet] | None = None) -> TaskData:
+    """Read the labelled data (or take `read`, what `read_task_data` returned for the same
+    arguments, so a caller that checked the files first reads them once), build the label set from it, load `base` with a new head for it
     (seeded from torch's current seed; call `torch.manual_seed` first), and batch the data.
 
     `data` may be several files (multi-source training): one label set over all of them, one
     `TaskBatches` per file in `source_batches` (`batches` is the first file's). `seq_len` defaults
     to, and is capped at, the longest input the model takes. `settings` is what a trained diff
     records in its `origin`."""
-    sources, held_out, labels = read_task_data(objective, data, eval_data=eval_data, format=format,
-                                               label_column=label_column, text_column=text_column,
-                                               pair_column=pair_column)
+    sources, held_out, labels = read if read is not None else read_task_data(
+        objective, data, eval_data=eval_data, format=format, label_column=label_column,
+        text_column=text_column, pair_column=pair_column)
     model, tokenizer, patch = load_task_model(base, objective, labels)
     limit = max_length(read_config(base), tokenizer)
     seq_len = min(seq_len or limit, limit)

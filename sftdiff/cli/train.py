@@ -115,7 +115,7 @@ class _Run:
         self.data = [data] if data is not None else [path for path, _ in sources]
         self.data_options = data_options
         if self.task:  # a bad file fails here, before any model loads
-            read_task_data(objective, self.data, eval_data=eval_data, **data_options)
+            self.task_data = read_task_data(objective, self.data, eval_data=eval_data, **data_options)
         else:
             for path in (text, eval_text):
                 if path is not None:
@@ -189,7 +189,8 @@ class _Run:
         from ..train import Sources
 
         task = prepare_task(self.base, self.objective, self.data, eval_data=self.eval_data,
-                            batch_size=self.batch_size, seq_len=self.seq_len, seed=self.seed, **self.data_options)
+                            batch_size=self.batch_size, seq_len=self.seq_len, seed=self.seed, **self.data_options,
+                            read=self.task_data)  # read once, in __init__
         if task.seq_len < self.seq_len:
             say(f"sftdiff: --seq-len {self.seq_len} is longer than the model takes; using {task.seq_len}", self.quiet)
         self.model, self.eval_batches, self.settings = task.model, task.eval_batches, task.settings
