@@ -51,14 +51,14 @@ class Profile:
     sizes: xd.Sizes
     seq_len: int = 64  # MLM blocks
     lang_batch: int = 8
-    lang_full_steps: int = 250
-    lang_sparse_steps: int = 250
+    lang_full_steps: int = 100
+    lang_sparse_steps: int = 100
     lang_lr: float = 2e-4
     lang_sparse_lr: float = 1e-3
     lang_schedule: str = "constant"
     task_batch: int = 16
-    task_full_steps: int = 150
-    task_sparse_steps: int = 150
+    task_full_steps: int = 60
+    task_sparse_steps: int = 60
     task_lr: float = 1e-4
     task_sparse_lr: float = 5e-4
     task_schedule: str = "linear"
