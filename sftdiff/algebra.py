@@ -518,23 +518,28 @@ def scale(diff: SparseDiff, factor: float, *, dtype: str | None = None) -> Spars
 
 
 def filter_entries(diff: SparseDiff, *, include: Sequence[str] = (), exclude: Sequence[str] = (),
-                   dense: bool = True, warn: Warn | None = None) -> SparseDiff:
+                   dense: bool = True, warn: Warn | None = None, allow_empty: bool = False) -> SparseDiff:
     """The entries of `diff` whose names match an `include` glob (all if none is given) and no
     `exclude` glob; `dense=False` drops every dense entry as well. Globs are shell-style and
     case-sensitive (`cls.*`, `*classifier*`). Entries are kept as they are (nothing is recomputed).
 
-    When the diff's dense entries are all dropped its `config_patch` goes too (it describes the
-    head those entries carry), with a warning; a glob that matches no entry gets a warning.
+    A filter that keeps no entry is almost always a mistyped glob, so it raises `UsageError`
+    naming the globs and a few of the diff's entry names; `allow_empty=True` returns the empty
+    diff instead. When the diff's dense entries are all dropped its `config_patch` goes too (it
+    describes the head those entries carry), with a warning; a glob that matches no entry (while
+    others keep some) gets a warning.
     """
     warn = warn or _default_warn
     label = label_of(diff, 0)
     infos = {i.name: i for i in diff.infos()}
-    for glob in list(include) + list(exclude):
-        if not any(matches_any(n, [glob]) for n in infos):
-            warn(f"{glob!r} matches no entry of {label}")
     kept = [n for n, info in infos.items()
             if (not include or matches_any(n, include)) and not matches_any(n, exclude)
             and (dense or info.kind != "dense")]
+    if not kept and not allow_empty:
+        raise UsageError(_kept_nothing(label, list(infos), include, exclude, dense))
+    for glob in list(include) + list(exclude):
+        if not any(matches_any(n, [glob]) for n in infos):
+            warn(f"{glob!r} matches no entry of {label}")
     had_dense = any(i.kind == "dense" for i in infos.values())
     keeps_dense = any(infos[n].kind == "dense" for n in kept)
     config_patch = diff.meta.config_patch
@@ -550,6 +555,24 @@ def filter_entries(diff: SparseDiff, *, include: Sequence[str] = (), exclude: Se
     if "tensors" in meta.base:
         meta.base["tensors"] = {n: d for n, d in meta.base["tensors"].items() if n in set(kept)}
     return SparseDiff(LazyEntries(kept, lambda name: diff.entries[name], known=infos), meta)
+
+
+def _kept_nothing(label: str, names: list[str], include: Sequence[str], exclude: Sequence[str], dense: bool) -> str:
+    """One line for a filter that keeps no entry: the globs, and the entry names closest to the
+    first include glob (else the first names), so a mistyped prefix shows at a glance."""
+    import difflib
+
+    if not names:
+        return f"{label} has no entries, so the filter keeps none; filter a diff that has entries"
+    asked = [f"include {list(include)}"] if include else []
+    asked += [f"exclude {list(exclude)}"] if exclude else []
+    asked += [] if dense else ["no dense entries"]
+    examples = (difflib.get_close_matches(include[0], names, n=3, cutoff=0.0) if include else []) or names[:3]
+    more = ", ..." if len(names) > len(examples) else ""
+    fix = "fix the globs" if dense else "fix the globs or keep the dense entries"
+    return (f"{label}: the filter ({'; '.join(asked)}) keeps none of its {len(names)} entries, named like "
+            f"{', '.join(repr(n) for n in examples)}{more}; {fix} (shell-style, case-sensitive, matched against "
+            f"these names; `sftdiff inspect --all` lists them all)")
 
 
 # -- add / subtract --------------------------------------------------------------------------------

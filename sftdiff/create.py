@@ -37,7 +37,7 @@ import numpy as np
 
 from . import __version__
 from . import format as fmt
-from . import kernels
+from . import device_scan, kernels
 from .checkpoint import Checkpoint
 from .diff import DenseEntry, DiffMeta, SparseDiff, SparseEntry
 from .dtypes import FLOAT_DTYPES, from_float32, to_float32, to_float64, value_dtype
@@ -87,17 +87,20 @@ class Plan:
 def create_diff(base: Any, finetuned: Any, *, k: int | None = None, density: float | None = None,
                 scope: str = "global", include: Sequence[str] = (), exclude: Sequence[str] = (),
                 dense: Sequence[str] = (), dtype: str = "F32", user: dict | None = None,
-                progress: bool = False, base_checkpoint: Any = None) -> SparseDiff:
+                progress: bool = False, base_checkpoint: Any = None, device: str | None = None) -> SparseDiff:
     """The top-k (or top-`density`) difference `finetuned − base` as an unsaved `SparseDiff`.
 
     `base`/`finetuned`: a checkpoint path, a `Checkpoint`, or an in-memory state dict. Warnings
     (dense entries made because the fine-tune added or resized a parameter, base parameters the
     fine-tune lacks) are issued as `CreateWarning`. `base_checkpoint` (a path or `Checkpoint`):
     the checkpoint in-memory `base` tensors came from (perhaps only some of its tensors); the diff
-    then records its fingerprint and digests and spells names as it does.
+    then records its fingerprint and digests and spells names as it does. `device` ("cpu", "cuda",
+    "cuda:N", "auto"): pass 1's scan runs with torch there (`device_scan`); the diff is the same.
     """
     stored_dtype = value_dtype(dtype)
     check_budget(k, density, scope)
+    if device is not None:  # refuse an unusable device before any work
+        device_scan.resolve(device)
     base_ckpt, base_hint = _checkpoint(base)
     ft_ckpt, ft_hint = _checkpoint(finetuned)
     plan = plan_entries(base_ckpt, ft_ckpt, include=include, exclude=exclude, dense=dense)
@@ -106,6 +109,8 @@ def create_diff(base: Any, finetuned: Any, *, k: int | None = None, density: flo
 
     numels = [ft_ckpt.tensors[p.source].numel for p in plan.sparse]
     selectable = sum(numels)
+    if device is None:
+        kernels.preload(selectable)  # a big pass 1 loads the compiled kernel meanwhile
     if k is not None and k > selectable:  # a budget above everything there is: all of it, said once
         warnings.warn(f"k={k:,} is more than the {selectable:,} selectable values; keeping every changed value "
                       "(density 100%)", CreateWarning, stacklevel=2)
@@ -120,10 +125,11 @@ def create_diff(base: Any, finetuned: Any, *, k: int | None = None, density: flo
         counts = [per_tensor_count(n, fraction) for n in numels]
     budget = counts[0] if scope == "global" else counts
     hint = estimated_floor(base_ckpt, ft_ckpt, plan.sparse, counts[0], selectable) if scope == "global" else 0.0
-    positions = select_positions(base_ckpt, ft_ckpt, plan.sparse, budget, floor=hint, progress=progress)
+    positions = select_positions(base_ckpt, ft_ckpt, plan.sparse, budget, floor=hint, progress=progress,
+                                 device=device)
     selected = sum(len(v) for v in positions.values())
     if hint > 0 and selected < counts[0]:  # the estimate was too high: select again without it
-        positions = select_positions(base_ckpt, ft_ckpt, plan.sparse, budget, progress=progress)
+        positions = select_positions(base_ckpt, ft_ckpt, plan.sparse, budget, progress=progress, device=device)
         selected = sum(len(v) for v in positions.values())
 
     entries: dict[str, SparseEntry | DenseEntry] = {}
@@ -377,7 +383,7 @@ class _Tensor:
 
 
 def select_positions(base: Checkpoint, ft: Checkpoint, pairs: Sequence[Pair], budget: int | Sequence[int], *,
-                     floor: float = 0.0, progress: bool = False) -> dict[str, np.ndarray]:
+                     floor: float = 0.0, progress: bool = False, device: str | None = None) -> dict[str, np.ndarray]:
     """Selected flat indices per parameter name.
 
     `budget` is k over all pairs (global scope) or one count per pair (per-tensor scope); `floor`
@@ -422,7 +428,7 @@ def select_positions(base: Checkpoint, ft: Checkpoint, pairs: Sequence[Pair], bu
                 bounds = list(range(0, t.ft_raw.size, step)) or [0]
                 for lo in bounds:
                     hi = min(t.ft_raw.size, lo + step)
-                    scan = pool.submit(_scan, t, lo, hi) if hi > lo else None
+                    scan = pool.submit(_scan, t, lo, hi, device) if hi > lo else None
                     pending.append((t, scan, lo == bounds[-1]))
                     while len(pending) > 2 * WORKERS:  # bounded: unmerged candidates cost memory
                         merge_oldest()
@@ -451,10 +457,14 @@ def _slice_size() -> int:
     return max(2, SLICE - SLICE % 2)  # even, so that BF16 values pair up into 32-bit words
 
 
-def _scan(t: _Tensor, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+def _scan(t: _Tensor, lo: int, hi: int, device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(ascending flat indices, |Δ| as float32) of the positions in [lo, hi) whose |Δ| reaches the
     TopK's floor (every nonzero one while it is 0). Runs in a worker thread."""
     threshold = _threshold_bits(t.top.floor)  # read once: the floor only rises, so an old one is safe
+    if device is not None:  # --device: torch scans there, with the same result (None: numpy below)
+        on_device = device_scan.scan(t.base_raw, t.base_dtype, t.ft_raw, t.ft_dtype, lo, hi, threshold, device)
+        if on_device is not None:
+            return on_device
     fused = kernels.scan(t.base_raw, t.base_dtype, t.ft_raw, t.ft_dtype, lo, hi, threshold)
     if fused is not None:  # the compiled kernel (numba installed): the same result in one pass
         return fused

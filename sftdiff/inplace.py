@@ -9,6 +9,7 @@ when these functions run, never at module import.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,10 +33,26 @@ class AppliedDiff:
     skipped: list[str] = field(default_factory=list)  # entries for parameters the model lacks (strict=False)
 
 
-def apply_to_model(model: Any, diff: SparseDiff, scale: float = 1.0, with_dense: bool = True, *,
-                   strict: bool = True) -> AppliedDiff:
+def as_diff(diff: Any, what: str = "diff", expected: str = "a SparseDiff or a diff file's path (str or os.PathLike)"
+            ) -> SparseDiff:
+    """`diff` itself, or the diff a path (str or os.PathLike) names, read as the commands read a DIFF
+    argument (`sources.open_diff`); anything else is a TypeError saying what was given and what is
+    expected (`what` names the argument)."""
+    if isinstance(diff, SparseDiff):
+        return diff
+    if isinstance(diff, (str, os.PathLike)):
+        from .sources import open_diff
+
+        return open_diff(os.fspath(diff))
+    raise TypeError(f"{what} must be {expected}, not {type(diff).__module__}.{type(diff).__qualname__}")
+
+
+def apply_to_model(model: Any, diff: SparseDiff | str | os.PathLike, scale: float = 1.0, with_dense: bool = True,
+                   *, strict: bool = True) -> AppliedDiff:
     """Add `diff` (sparse values × `scale`; dense entries replace) to a torch module's weights in
     place, on their device. Returns the record `revert_from_model` uses to undo it exactly.
+    `diff` is a `SparseDiff` or a diff file's path (read as `sftdiff apply` reads it, on each call:
+    a loop swapping diffs should load them once, as `swap` caches their conversion on the object).
 
     Each touched value is computed as round(float32(w) + scale × v): the same single rounding
     `bake` does for one diff. Several diffs applied one after the other follow the composition
@@ -46,6 +63,7 @@ def apply_to_model(model: Any, diff: SparseDiff, scale: float = 1.0, with_dense:
     """
     import torch
 
+    diff = as_diff(diff, "apply_to_model's diff")
     tensors = _model_tensors(model)
     record = AppliedDiff(diff, float(scale), with_dense)
     with torch.no_grad():
@@ -60,7 +78,7 @@ def apply_to_model(model: Any, diff: SparseDiff, scale: float = 1.0, with_dense:
     return record
 
 
-def revert_from_model(model: Any, diff: "SparseDiff | AppliedDiff", scale: float = 1.0,
+def revert_from_model(model: Any, diff: "SparseDiff | AppliedDiff | str | os.PathLike", scale: float = 1.0,
                       with_dense: bool = True, *, strict: bool = True) -> None:
     """Undo `apply_to_model` in place.
 
@@ -68,10 +86,13 @@ def revert_from_model(model: Any, diff: "SparseDiff | AppliedDiff", scale: float
     original back (any dtype) and dense entries are restored; values changed since (training)
     get the delta subtracted. Given a plain `SparseDiff`, the delta × `scale` is subtracted
     (exact up to one rounding to the parameter's dtype); dense entries cannot be reverted that
-    way, so they raise unless `with_dense=False`.
+    way, so they raise unless `with_dense=False`. A path is read as a plain `SparseDiff`.
     """
     import torch
 
+    if not isinstance(diff, AppliedDiff):
+        diff = as_diff(diff, "revert_from_model's diff", "the AppliedDiff record apply_to_model returned, a SparseDiff "
+                       "or a diff file's path (str or os.PathLike)")
     tensors = _model_tensors(model)
     with torch.no_grad():
         if isinstance(diff, AppliedDiff):

@@ -7,11 +7,13 @@ cores work on it. It returns exactly what `create._scan`'s numpy code returns fo
 (tests/test_kernels.py), so the diff written is byte-identical either way.
 
 numba was chosen because it compiles this loop from Python source at run time from wheels (no
-compiler needed), releases the GIL, and keeps `import sftdiff` light: it is imported only once
-pass 1 has done a few hundred million values with numpy (`WARMUP_VALUES`: small models never pay
-for it), and its compiled code is cached on disk (`cache=True`) so later runs skip compiling. Without numba, or with `SFTDIFF_NUMBA=0` in the environment, `scan`
-returns None and `create` uses its numpy code. torch's kernels were not used: `create` does not
-import torch (about a second of start-up), and torch has no fused filter-and-compress.
+compiler needed), releases the GIL, and keeps `import sftdiff` light: it is imported only for a
+pass 1 of at least `MIN_VALUES` values (small models never pay for it), in a background thread
+started when pass 1 begins (`preload`), while the worker threads scan with numpy until it is ready;
+its compiled code is cached on disk (`cache=True`) so later runs skip compiling. Without numba, or
+with `SFTDIFF_NUMBA=0` in the environment, `scan` returns None and `create` uses its numpy code.
+torch's kernels were not used by default: `create` does not import torch (about a second of
+start-up), and torch has no fused filter-and-compress (`device_scan` uses torch for `--device`).
 """
 
 from __future__ import annotations
@@ -23,34 +25,37 @@ from typing import Any
 
 import numpy as np
 
-# Values pass 1 scans with numpy in a process before the kernel is loaded: importing numba and
-# loading the compiled kernel from its cache costs about a second of CPU, more than numpy spends on
-# a BERT-base-sized model (110M values), and about what the kernel saves on 300M.
-WARMUP_VALUES = 1 << 28
+# The smallest pass 1 that loads the kernel: importing numba and loading the compiled kernel from
+# its cache costs about a second of CPU, more than numpy spends on a BERT-base-sized model (110M
+# values), and about what the kernel saves on 300M.
+MIN_VALUES = 1 << 28
 # How each stored dtype is handed to the kernel: BF16 and F16 as their 16-bit patterns.
 _KIND = {"BF16": 0, "F16": 1, "F32": 2, "F64": 3}
 
 _lock = threading.Lock()
 _kernel: Any = None  # the module of compiled kernels, False when unavailable, None before the first try
-_numpy_values = 0
 _scratch = threading.local()
 
 
 def available() -> bool:
     """Whether the compiled kernel can be used (imports numba and loads or compiles it on first call)."""
-    return _load(wait=True) is not None
+    return _load() is not None
+
+
+def preload(values: int) -> None:
+    """Start loading the kernel in a background thread if a pass 1 of `values` values repays it
+    (`scan` returns None, i.e. numpy does the work, until it is loaded)."""
+    if values >= MIN_VALUES and _kernel is None:
+        threading.Thread(target=_load, name="sftdiff-kernel-load", daemon=True).start()
 
 
 def scan(base_raw: np.ndarray, base_dtype: str, ft_raw: np.ndarray, ft_dtype: str, lo: int, hi: int,
          threshold: np.uint32) -> tuple[np.ndarray, np.ndarray] | None:
     """(ascending flat indices as int64, |ft − base| as float32) of the positions in [lo, hi) whose
     magnitude's float32 bit pattern is ≥ `threshold` (NaN and ±inf always pass), as `create._scan`
-    computes them; None when the kernel is not available (the caller uses numpy)."""
-    global _numpy_values
-    if _kernel is None and _numpy_values < WARMUP_VALUES and "numba" not in sys.modules:
-        _numpy_values += hi - lo  # from several threads: a lost update only delays loading a little
-        return None
-    kernel = _load(wait=False)
+    computes them; None when the kernel is not loaded (see `preload`, `available`) or cannot take
+    these arrays: the caller uses numpy."""
+    kernel = _kernel or None
     if kernel is None or base_dtype not in _KIND or ft_dtype not in _KIND:
         return None
     b, f = _as_kernel_array(base_raw, base_dtype), _as_kernel_array(ft_raw, ft_dtype)
@@ -90,18 +95,13 @@ def _buffers(n: int) -> tuple[np.ndarray, np.ndarray]:
     return _scratch.idx, _scratch.mag
 
 
-def _load(wait: bool) -> Any:
-    """The kernels' module, or None. Without `wait`, None while another thread is loading them
-    (it keeps working with numpy meanwhile)."""
+def _load() -> Any:
+    """The kernels' module, or None (loaded once; a second caller waits for the first)."""
     global _kernel
     if _kernel is None:
-        if not _lock.acquire(blocking=wait):
-            return None
-        try:
+        with _lock:
             if _kernel is None:
                 _kernel = _compile() or False
-        finally:
-            _lock.release()
     return _kernel or None
 
 

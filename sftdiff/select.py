@@ -111,8 +111,12 @@ class TopK:
         """rank -> sorted flat indices selected in that tensor."""
         if not self._mags:
             return {}
-        self._compact()
-        keys = self._keys[0] if self._ascending else np.sort(self._keys[0])
+        keys = np.concatenate(self._keys)  # a last compaction, of the keys only: no magnitudes needed
+        keep = _best(np.concatenate(self._mags), keys, self.k)
+        if keep is not None:
+            keys = keys[keep]
+        if not self._ascending:
+            keys = np.sort(keys)
         ranks = keys >> _RANK_SHIFT
         out: dict[int, np.ndarray] = {}
         bounds = np.flatnonzero(ranks[1:] != ranks[:-1]) + 1

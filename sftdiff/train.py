@@ -16,6 +16,7 @@ trained diff is the difference from base + those diffs (it excludes them).
 from __future__ import annotations
 
 import itertools
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     import torch
 
 Mask = Mapping[str, Any]  # parameter name (as the base spells it) -> flat indices
+OnDiffsArg = Sequence["SparseDiff | str | os.PathLike[str]"]  # diffs to train on top of, or their files
 LossFn = Callable[[Any, Any], "torch.Tensor"]
 
 SCHEDULES = ("linear", "constant")
@@ -87,6 +89,7 @@ class _Attached:
     dense: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # name -> (parameter, value at attach)
     requires_grad: list[tuple[Any, bool]] = field(default_factory=list)
     extra: list[Any] = field(default_factory=list)  # parameters of extra_modules (not in the model)
+    modules: list[Any] = field(default_factory=list)  # the extra_modules themselves (their train/eval mode)
     meta: DiffMeta = field(default_factory=DiffMeta)  # base, user and config patch of the attached diff
     origin: dict[str, Any] = field(default_factory=dict)  # what attach knows of the run
     runs: list[dict[str, Any]] = field(default_factory=list)  # one record per train_steps call
@@ -106,10 +109,10 @@ class Sources:
     own diffs (a language SFT) applied while the model trains on it. Each source's batches keep their
     own seeded order (pass a re-iterable such as `TaskBatches`)."""
 
-    def __init__(self, sources: Sequence[tuple[Iterable[Any], Sequence[SparseDiff]]]):
+    def __init__(self, sources: Sequence[tuple[Iterable[Any], OnDiffsArg]]):
         if not sources:
             raise UsageError("Sources needs at least one (batches, diffs) pair")
-        self.sources = [(batches, tuple(on)) for batches, on in sources]
+        self.sources = [(batches, as_diffs(on, "a Sources diff")) for batches, on in sources]
 
     def __iter__(self) -> Iterator[SourceBatch]:
         streams = [_forever(batches) for batches, _ in self.sources]
@@ -197,6 +200,67 @@ def _provenance(on: Sequence[SparseDiff], batches: Any) -> dict[str, Any]:
     return out
 
 
+def as_diffs(on: Any, what: str = "an on= diff") -> tuple[SparseDiff, ...]:
+    """The diffs of an `on=` argument: a sequence of `SparseDiff`s or diff file paths (read as
+    `apply_to_model` reads one); a single diff or path is taken as a list of one."""
+    from .inplace import as_diff
+
+    if isinstance(on, (SparseDiff, str, os.PathLike)):
+        on = [on]
+    return tuple(as_diff(d, what) for d in on)
+
+
+def verify_on(base: Checkpoint, on: OnDiffsArg, batches: Any = None, *, verify: bool = True,
+              warn: Callable[[str], None] | None = None) -> None:
+    """Check that each diff to train on top of (`on`, and those of `batches` when it is a `Sources`)
+    was made from `base`, as `apply` and the commands' `--on` check it (`verify.verify_against_base`:
+    names, shapes, entry data, and with `verify` the base digests the diff recorded); a mismatch
+    raises `VerificationError` naming the diff. A diff that records no digests cannot be checked:
+    `warn` (default `warnings.warn`) says so."""
+    from .verify import BaseDigests, verify_against_base
+
+    diffs = [(d, d.path or f"on[{i}]") for i, d in enumerate(as_diffs(on))]
+    if isinstance(batches, Sources):
+        diffs += [(d, d.path or f"Sources diff #{j + 1} of source #{i + 1}")
+                  for i, (_, ds) in enumerate(batches.sources) for j, d in enumerate(ds)]
+    digests = BaseDigests(base)  # each base tensor hashed once for all the diffs
+    seen: set[int] = set()
+    for diff, label in diffs:
+        if id(diff) in seen:
+            continue
+        seen.add(id(diff))
+        for note in verify_against_base(diff, base, label=label, fingerprint=verify, digests=digests).warnings:
+            if warn is not None:
+                warn(note)
+            else:
+                import warnings
+
+                warnings.warn(note, stacklevel=3)
+
+
+@contextmanager
+def _modes(training: bool, roots: Iterable[Any]) -> Iterator[None]:
+    """`roots` (modules) in train (or eval) mode inside the block; every module under them gets its
+    own previous mode back after, also on an error, so a head the caller keeps in eval mode stays so."""
+    roots = list(roots)
+    saved = list({id(m): (m, m.training) for root in roots for m in root.modules()}.values())
+    for root in roots:
+        root.train(training)
+    try:
+        yield
+    finally:
+        for module, flag in saved:  # parents before children: train() of a parent does not undo a child
+            module.train(flag)
+
+
+def _extra(model: Any, extra_modules: Mapping[str, Any] | None) -> list[Any]:
+    """The modules outside `model` that the loss uses: those given, else those `attach` was given."""
+    if extra_modules is not None:
+        return list(extra_modules.values())
+    state: _Attached | None = getattr(getattr(model, "module", model), _STATE, None)
+    return list(state.modules) if state is not None else []
+
+
 def base_spelling(model_names: Iterable[str], base_names: Iterable[str]) -> dict[str, str]:
     """Model parameter name -> the name a diff uses (the base's spelling; new parameters, such as
     a head the base lacks, keep the model's spelling minus any base-model prefix)."""
@@ -258,7 +322,8 @@ def attach(model: "torch.nn.Module", diff_or_mask: SparseDiff | Mask, *, dense: 
         raise VerificationError(f"the model has no parameter {missing[0]!r} (and {len(missing) - 1} more names of "
                                 f"the diff); use the base model the diff was made for")
 
-    state = _Attached(meta=diff.meta.copy(origin={}) if diff is not None else DiffMeta(), extra=list(extras.values()))
+    state = _Attached(meta=diff.meta.copy(origin={}) if diff is not None else DiffMeta(), extra=list(extras.values()),
+                      modules=list((extra_modules or {}).values()))
     state.origin = {"init": "diff values" if from_values else "zero"}
     if diff is not None and diff.meta.origin.get("method"):
         state.origin["mask_from"] = diff.meta.origin["method"]
@@ -399,19 +464,24 @@ def _check_schedule(schedule: str, warmup_steps: int) -> None:
 def train_steps(model: Any, batches: Iterable[Any], steps: int, *, lr: float, schedule: str = DEFAULT_SCHEDULE,
                 warmup_steps: int = 0, loss_fn: LossFn | None = None, parameters: Iterable[Any] | None = None,
                 penalty: Callable[[], "torch.Tensor"] | None = None, desc: str = "train",
-                progress: bool = False, on: Sequence[SparseDiff] = ()) -> list[float]:
+                progress: bool = False, on: OnDiffsArg = (),
+                extra_modules: Mapping[str, "torch.nn.Module"] | None = None) -> list[float]:
     """`steps` AdamW steps (a fresh optimizer, `schedule` over these steps) on `parameters` (default:
     `trainable_parameters(model)`), cycling through `batches`; gradients clipped to norm 1.
 
     `penalty()` (e.g. an L1 pull towards the base) is added to the loss; returns each step's loss
     without it. `progress`: phase, step and loss on stderr. Works on a DDP-wrapped model as well.
     `on` diffs (and each `Sources` batch's own) are added to the weights for the steps and taken
-    away after the last one (`OnDiffs`)."""
+    away after the last one (`OnDiffs`); they are not checked against a base here (`verify_on`).
+    The model and `extra_modules` (modules outside it that `loss_fn` uses; default: those given
+    to `attach`) are in train mode for the steps, and every module gets its previous mode back
+    after, also when a step fails."""
     import torch
 
     from .progress import StepProgress
 
     _check_schedule(schedule, warmup_steps)
+    on = as_diffs(on)
     params = list(parameters) if parameters is not None else trainable_parameters(model)
     if not params:
         raise UsageError("nothing to train: no parameter requires a gradient")
@@ -420,24 +490,24 @@ def train_steps(model: Any, batches: Iterable[Any], steps: int, *, lr: float, sc
     losses: list[float] = []
     bar = StepProgress(steps, desc, progress)
     switch = OnDiffs(model) if on or isinstance(batches, Sources) else None
-    model.train()
     try:
-        for step in range(steps):
-            optimizer.param_groups[0]["lr"] = lr * lr_factor(step, steps, schedule, warmup_steps)
-            batch = next(data)
-            if isinstance(batch, SourceBatch):  # multi-source: this source's diffs on top of `on`
-                switch.use(tuple(on) + batch.on)
-                batch = batch.batch
-            elif switch is not None:
-                switch.use(on)
-            loss = loss_fn(model, _to_device(batch, device))
-            total = loss + penalty() if penalty is not None else loss
-            total.backward()
-            torch.nn.utils.clip_grad_norm_(params, CLIP_NORM)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            bar.update(float(np.mean(losses[-20:])), optimizer.param_groups[0]["lr"])
+        with _modes(True, [model, *_extra(model, extra_modules)]):
+            for step in range(steps):
+                optimizer.param_groups[0]["lr"] = lr * lr_factor(step, steps, schedule, warmup_steps)
+                batch = next(data)
+                if isinstance(batch, SourceBatch):  # multi-source: this source's diffs on top of `on`
+                    switch.use(tuple(on) + batch.on)
+                    batch = batch.batch
+                elif switch is not None:
+                    switch.use(on)
+                loss = loss_fn(model, _to_device(batch, device))
+                total = loss + penalty() if penalty is not None else loss
+                total.backward()
+                torch.nn.utils.clip_grad_norm_(params, CLIP_NORM)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                bar.update(float(np.mean(losses[-20:])), optimizer.param_groups[0]["lr"])
     finally:
         if switch is not None:
             switch.off()
@@ -450,27 +520,28 @@ def train_steps(model: Any, batches: Iterable[Any], steps: int, *, lr: float, sc
 
 
 def evaluate(model: Any, batches: Iterable[Any], loss_fn: LossFn | None = None,
-             on: Sequence[SparseDiff] = ()) -> float:
-    """Mean loss over `batches` (one pass, eval mode, no gradients), with `on` diffs added meanwhile."""
+             on: OnDiffsArg = (), extra_modules: Mapping[str, "torch.nn.Module"] | None = None) -> float:
+    """Mean loss over `batches` (one pass, no gradients), with `on` diffs added meanwhile. The
+    model and `extra_modules` (default: those given to `attach`) are in eval mode meanwhile and
+    every module gets its previous mode back after, also on an error."""
     import torch
     from torch.nn.utils import parametrize
 
     loss_fn = loss_fn or model_loss
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     losses = []
-    with applied_on(model, on), torch.no_grad(), parametrize.cached():
+    with _modes(False, [model, *_extra(model, extra_modules)]), applied_on(model, on), torch.no_grad(), \
+            parametrize.cached():
         for batch in batches:
             losses.append(loss_fn(model, _to_device(batch, device)).item())
-    model.train(was_training)
     return float(np.mean(losses)) if losses else float("nan")
 
 
 @contextmanager
-def applied_on(model: Any, on: Sequence[SparseDiff]) -> Iterator[OnDiffs | None]:
+def applied_on(model: Any, on: OnDiffsArg) -> Iterator[OnDiffs | None]:
     """`on` diffs added to the model's weights (without dense entries) inside the block, e.g. to
     evaluate a task model on top of the language SFT it was trained on."""
+    on = as_diffs(on)
     if not on:
         yield None
         return
@@ -526,12 +597,25 @@ def sparse_retrain(model: Any, diff_or_mask: SparseDiff | Mask, batches: Iterabl
                    dense: Sequence[str] = (), extra_modules: Mapping[str, Any] | None = None, l1_reg: float = 0.0,
                    loss_fn: LossFn | None = None, base_names: Iterable[str] | None = None,
                    keep_trained: bool = False, progress: bool = False,
-                   on: Sequence[SparseDiff] = ()) -> tuple[SparseDiff, list[float]]:
+                   on: OnDiffsArg = (), base: str | os.PathLike | Checkpoint | None = None,
+                   verify: bool = True) -> tuple[SparseDiff, list[float]]:
     """Train exactly the selected values from the model's current weights; the diff and the losses.
     `seed` (when given) seeds the run as `start_phase` does. `on` diffs (a language SFT; and, with
     `batches` a `Sources`, each source's) are added to the weights while training and taken away
-    after: the diff is the difference from them, and its origin names them (`on`, `sources`)."""
+    after: the diff is the difference from them, and its origin names them (`on`, `sources`).
+
+    With `base` (the checkpoint the model was loaded from: a path or `Checkpoint`), the `on` diffs
+    are first checked against it as `sftdiff apply` checks a diff (`verify_on`; `verify=False`
+    skips only the digest comparison), names default to its spelling, and the diff's `base`
+    records it. Without one, nothing says the `on` diffs were made from this model's base: only
+    their shapes are checked (against the model's parameters), and their entries for parameters
+    the model lacks are skipped."""
     _check_schedule(schedule, warmup_steps)
+    on = as_diffs(on)
+    ckpt = _checkpoint(base)
+    if ckpt is not None:
+        verify_on(ckpt, on, batches, verify=verify)
+        base_names = ckpt.tensors if base_names is None else base_names
     attach(model, diff_or_mask, dense=dense, extra_modules=extra_modules, base_names=base_names)
     try:
         start_phase(seed, batches)
@@ -543,7 +627,13 @@ def sparse_retrain(model: Any, diff_or_mask: SparseDiff | Mask, batches: Iterabl
     finally:
         diff = detach(model, keep_trained=keep_trained, origin={"method": "retrain", "seed": seed, "l1_reg": l1_reg,
                                                                 **_provenance(on, batches)})
+    if ckpt is not None:
+        diff.meta.base = base_info(ckpt, diff)
     return diff, losses
+
+
+def _checkpoint(base: str | os.PathLike | Checkpoint | None) -> Checkpoint | None:
+    return Checkpoint.open(base) if isinstance(base, (str, bytes)) or hasattr(base, "__fspath__") else base
 
 
 def lottery_ticket_sft(model: Any, batches: Iterable[Any], *, k: int | None = None, density: float | None = None,
@@ -553,9 +643,9 @@ def lottery_ticket_sft(model: Any, batches: Iterable[Any], *, k: int | None = No
                        sparse_globs: Sequence[str] = ("*",), dense_globs: Sequence[str] = (),
                        exclude_globs: Sequence[str] = (), extra_modules: Mapping[str, Any] | None = None,
                        full_l1_reg: float = 0.0, sparse_l1_reg: float = 0.0, loss_fn: LossFn | None = None,
-                       base: str | Checkpoint | None = None, after_full: Callable[[Any], None] | None = None,
-                       keep_trained: bool = False, progress: bool = False,
-                       on: Sequence[SparseDiff] = ()) -> SparseDiff:
+                       base: str | os.PathLike | Checkpoint | None = None,
+                       after_full: Callable[[Any], None] | None = None, keep_trained: bool = False,
+                       progress: bool = False, on: OnDiffsArg = (), verify: bool = True) -> SparseDiff:
     """LT-SFT: fine-tune fully for `full_steps`, keep the k values that changed most, reset to the
     start, retrain only those (and the dense parameters) for `sparse_steps`; returns the diff.
 
@@ -575,13 +665,22 @@ def lottery_ticket_sft(model: Any, batches: Iterable[Any], *, k: int | None = No
     and the result see base + training only, and the diff is the difference from base + `on`,
     meant for base + another language's SFT. `batches` may be a `Sources` (multi-source: each
     source's batches with its own diffs on top of `on`). The origin names them (`on`, `sources`).
+    With `base`, every such diff is first checked against it as `sftdiff apply` and `train --on`
+    check a diff (`verify_on`: names, shapes, entry data and the base digests it recorded;
+    `verify=False` skips only the digests): one made from another base raises `VerificationError`
+    naming it, before any training. Without `base` nothing says they were made from the model's
+    base: only their shapes are checked, against the model's parameters, and their entries for
+    parameters the model lacks are skipped.
     """
     import torch
 
     _check_schedule(schedule, warmup_steps)
     if (k is None) == (density is None):
         raise UsageError("give exactly one of k=... and density=...")
-    ckpt = Checkpoint.open(base) if isinstance(base, (str, bytes)) or hasattr(base, "__fspath__") else base
+    on = as_diffs(on)
+    ckpt = _checkpoint(base)
+    if ckpt is not None:
+        verify_on(ckpt, on, batches, verify=verify)
     params = dict(model.named_parameters())
     extras = _extra_parameters(params, extra_modules)
     spelling = base_spelling(params, ckpt.tensors if ckpt is not None else params)
@@ -607,7 +706,7 @@ def lottery_ticket_sft(model: Any, batches: Iterable[Any], *, k: int | None = No
         penalty = lambda: full_l1_reg * sum((params[m] - initial[m]).abs().sum() for m in sparse) / n_sparse  # noqa: E731
     full_losses = train_steps(model, batches, full_steps, lr=lr, schedule=schedule, warmup_steps=warmup_steps,
                               loss_fn=loss_fn, parameters=everything.values(), penalty=penalty, desc="full",
-                              progress=progress, on=on)
+                              progress=progress, on=on, extra_modules=extra_modules or {})
     if after_full is not None:
         after_full(model)
 
@@ -668,4 +767,4 @@ def base_info(ckpt: Checkpoint | None, diff: SparseDiff) -> dict[str, Any]:
 
 __all__ = ["attach", "detach", "lottery_ticket_sft", "sparse_retrain", "train_steps", "trainable_parameters",
            "Sources", "OnDiffs", "applied_on", "on_record", "evaluate", "model_loss", "lr_factor", "start_phase",
-           "top_k_mask", "applied"]
+           "top_k_mask", "applied", "verify_on", "as_diffs"]

@@ -444,3 +444,50 @@ def test_cli_does_not_import_torch(files, tmp_path):
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- filter ----------------------------------------------------------------------------------------
+
+
+def named_diff() -> SparseDiff:
+    return diff_of({"encoder.layer.0.attention.query.weight": sparse((4, 4), [1, 5], [1, 2]),
+                    "encoder.layer.1.output.dense.weight": sparse((4, 4), [3], [3]),
+                    "embeddings.word_embeddings.weight": sparse((6, 4), [0], [1]),
+                    "cls.predictions.bias": DenseEntry(np.arange(6, dtype=np.float32), "F32", "F32")})
+
+
+def test_filter_that_keeps_nothing_is_refused_naming_the_globs_and_some_entry_names():
+    from sftdiff.algebra import filter_entries
+
+    diff = named_diff()
+    with pytest.raises(UsageError) as info:  # the usual slip: the model's `bert.` prefix
+        filter_entries(diff, include=["bert.encoder.*"], exclude=["*bias"])
+    message = str(info.value)
+    assert "\n" not in message and "include ['bert.encoder.*']" in message and "exclude ['*bias']" in message
+    assert "of its 4 entries" in message and "'encoder.layer.0.attention.query.weight'" in message
+    with pytest.raises(UsageError, match=r"\(include \['cls\.\*'\]; no dense entries\).*keep the dense entries"):
+        filter_entries(diff, include=["cls.*"], dense=False)  # the globs match, but --no-dense drops it
+    with pytest.raises(UsageError, match=r"exclude \['\*'\]"):
+        filter_entries(diff, exclude=["*"])
+
+    notes = []
+    empty = filter_entries(diff, include=["bert.encoder.*"], allow_empty=True, warn=notes.append)
+    assert len(empty.entries) == 0 and empty.meta.provenance["dropped"] == sorted(diff.entries)
+    assert notes and "'bert.encoder.*' matches no entry" in notes[0]
+    kept = filter_entries(diff, include=["encoder.*", "bert.*"], warn=notes.append)  # one glob matches: kept
+    assert sorted(kept.entries) == ["encoder.layer.0.attention.query.weight", "encoder.layer.1.output.dense.weight"]
+    assert any("'bert.*' matches no entry" in n for n in notes)
+
+
+def test_cli_filter_that_keeps_nothing_exits_2_and_writes_nothing(tmp_path, capsys):
+    src, out = tmp_path / "lang.sft", tmp_path / "out.sft"
+    named_diff().save(src)
+    before = src.read_bytes()
+    assert run(["filter", str(src), "--include", "bert.encoder.*", "--include", "pooler.*", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sftdiff: error:") and err.count("\n") == 1 and "warning" not in err
+    assert "include ['bert.encoder.*', 'pooler.*']" in err and "'encoder.layer" in err and str(src) in err
+    assert not out.exists() and src.read_bytes() == before
+    assert run(["filter", str(src), "--include", "encoder.*", "-o", str(out), "--json"]) == 0
+    assert sorted(SparseDiff.load(out).entries) == ["encoder.layer.0.attention.query.weight",
+                                                    "encoder.layer.1.output.dense.weight"]

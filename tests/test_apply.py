@@ -509,6 +509,100 @@ def test_write_error_in_writer_thread_fails_bake_nothing_left(apply_llama, tmp_p
     assert not any(t.name == "sftdiff-write" for t in threading.enumerate())
 
 
+def test_flushes_start_within_a_large_tensor(tmp_path, monkeypatch):
+    """Written data is handed to the disk slice by slice while apply computes: with one large
+    tensor, fsyncs run while it is still being written (counted per tensor, the first flush waited
+    for the whole tensor and the disk sat idle), and the bytes equal a run with default settings."""
+    bake_module = importlib.import_module("sftdiff.bake")
+    from sftdiff.safetensors_io import StreamingWriter
+
+    values = np.random.default_rng(5).normal(0, 0.02, size=(200, 100)).astype(np.float32)
+    (tmp_path / "base").mkdir()
+    with open(tmp_path / "base" / "model.safetensors", "wb") as f:
+        writer = StreamingWriter(f, [("w", "F32", values.shape)], {"format": "pt"})
+        writer.write("w", values)
+        writer.close()
+    diff = random_diff(Checkpoint.open(tmp_path / "base"), seed=6, density=0.1)
+    bake(tmp_path / "base", [diff], tmp_path / "default")
+    write_all, fsync_file = bake_module._write_all, bake_module._fsync_file
+    sizes = []
+
+    def slow_write_all(fd, array, **kw):
+        if _in_writer_thread():
+            time.sleep(0.001)
+        return write_all(fd, array, **kw)
+
+    def recording_fsync(path):
+        sizes.append(os.path.getsize(path))
+        fsync_file(path)
+
+    monkeypatch.setattr(bake_module, "CHUNK_ELEMENTS", 100)  # 200 slices of 400 bytes
+    monkeypatch.setattr(bake_module, "FLUSH_BYTES", 1)
+    monkeypatch.setattr(bake_module, "_write_all", slow_write_all)
+    monkeypatch.setattr(bake_module, "_fsync_file", recording_fsync)
+    bake(tmp_path / "base", [diff], tmp_path / "flushed")
+    final = (tmp_path / "flushed" / "model.safetensors").stat().st_size
+    assert sizes and min(sizes) < final - values.nbytes // 2, (sizes, final)
+    assert (tmp_path / "flushed" / "model.safetensors").read_bytes() == \
+        (tmp_path / "default" / "model.safetensors").read_bytes()
+
+
+def test_failed_background_fsync_fails_bake_nothing_left(apply_llama, tmp_path, monkeypatch):
+    """An fsync that fails in the background flush thread (an I/O error) fails the bake like a
+    failed write: OutputError naming the cause, no OUT, no temporary, no thread left behind; later
+    queued flushes are skipped."""
+    import errno
+    import threading
+
+    bake_module = importlib.import_module("sftdiff.bake")
+    from sftdiff.errors import OutputError
+
+    root, base_dir = apply_llama
+    fsync_file = bake_module._fsync_file
+    calls = []
+
+    def failing_fsync(path):
+        if threading.current_thread().name == "sftdiff-fsync":
+            calls.append(path)
+            if len(calls) == 2:
+                raise OSError(errno.EIO, "Input/output error")
+        return fsync_file(path)
+
+    monkeypatch.setattr(bake_module, "CHUNK_ELEMENTS", 97)
+    monkeypatch.setattr(bake_module, "FLUSH_BYTES", 1)
+    monkeypatch.setattr(bake_module, "_fsync_file", failing_fsync)
+    out = tmp_path / "m"
+    with pytest.raises(OutputError, match="Input/output error"):
+        bake(base_dir, [root / "a.sft", root / "b.sft"], out, shard_size="30KB")
+    assert len(calls) == 2  # nothing was flushed after the failure
+    assert not out.exists() and not leftovers(tmp_path, "m")
+    assert not any(t.name.startswith("sftdiff-") for t in threading.enumerate())
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
+def test_commands_load_numpy_without_blas_threads():
+    """numpy's OpenBLAS starts a spinning thread per core when it loads (~0.07 s of CPU); the CLI,
+    whose commands do no linear algebra in numpy, loads it with one thread and leaves no trace of
+    that in the environment (nor the garbage collector paused); a user's own OPENBLAS_NUM_THREADS is kept."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+    plain_probe = "import os, numpy; print(len(os.listdir('/proc/self/task')), None)"
+    cli_probe = ("import gc, os, sftdiff.cli as cli\n"
+                 "try:\n    cli.main(['apply', '--help'])\nexcept SystemExit:\n    pass\n"
+                 "assert gc.isenabled()\n"
+                 "print(len(os.listdir('/proc/self/task')), os.environ.get('OPENBLAS_NUM_THREADS'))")
+
+    def threads_after(probe: str, **extra: str) -> tuple[int, str]:
+        out = subprocess.run([sys.executable, "-c", probe], env={**env, **extra},
+                             capture_output=True, text=True, check=True).stdout.split()
+        return int(out[-2]), out[-1]
+
+    plain, _ = threads_after(plain_probe)
+    if plain == 1:
+        pytest.skip("numpy's BLAS starts no threads on this machine")
+    assert threads_after(cli_probe) == (1, "None")
+    assert threads_after(cli_probe, OPENBLAS_NUM_THREADS="2") == (min(plain, 2), "2")
+
+
 # ---------------------------------------------------------------- inputs are never written
 #
 # Every API entry point and command is handed inputs of each kind (in-memory state dicts of torch

@@ -7,8 +7,7 @@ Needs numba (the `fast` extra); without it `create` runs the numpy code these te
 from __future__ import annotations
 
 import importlib
-import json
-import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +18,8 @@ pytest.importorskip("numba")
 from sftdiff import kernels  # noqa: E402
 from sftdiff.dtypes import STORAGE, from_float32  # noqa: E402
 from sftdiff.errors import FormatError  # noqa: E402
-from sftdiff.safetensors_io import StreamingWriter  # noqa: E402
 from sftdiff.select import TopK  # noqa: E402
+from helpers_checkpoints import write_checkpoint  # noqa: E402
 
 create = importlib.import_module("sftdiff.create")  # the module (sftdiff.create is also the function)
 DTYPES = ["BF16", "F16", "F32", "F64"]
@@ -108,20 +107,32 @@ def test_kernel_is_used_and_can_be_turned_off(monkeypatch):
     assert kernels.scan(b, "F32", b + 1, "F32", 0, 10, create._threshold_bits(0.0)) is None
 
 
-def test_kernel_loads_only_after_warmup_values(monkeypatch):
-    """A small model never imports numba; a big one does once numpy has scanned WARMUP_VALUES."""
+def test_kernel_loads_only_for_big_scans(monkeypatch):
+    """A small pass 1 never imports numba; a big one loads the kernel in the background while numpy works."""
     monkeypatch.setattr(kernels, "_kernel", None)
-    monkeypatch.setattr(kernels, "_numpy_values", 0)
-    monkeypatch.setattr(kernels, "WARMUP_VALUES", 25)
-    monkeypatch.delitem(sys.modules, "numba")  # as in a process that has not imported it
+    monkeypatch.setattr(kernels, "MIN_VALUES", 25)
     b = np.arange(10, dtype=np.float32)
     threshold = create._threshold_bits(0.0)
-    assert kernels.scan(b, "F32", b + 1, "F32", 0, 10, threshold) is None
-    assert kernels.scan(b, "F32", b + 1, "F32", 0, 10, threshold) is None
-    assert kernels._kernel is None and kernels._numpy_values == 20
-    assert kernels.scan(b, "F32", b + 1, "F32", 0, 10, threshold) is None  # 30 >= 25 now
+    kernels.preload(24)
+    assert kernels._kernel is None and kernels.scan(b, "F32", b + 1, "F32", 0, 10, threshold) is None
+    loaded = threading.Event()
+    original = kernels._compile
+    monkeypatch.setattr(kernels, "_compile", lambda: (loaded.wait(10), original())[1])
+    kernels.preload(25)
+    assert kernels.scan(b, "F32", b + 1, "F32", 0, 10, threshold) is None  # still loading: numpy's turn
+    loaded.set()
+    assert kernels.available()  # waits for the loading thread
     got = kernels.scan(b, "F32", b + 1, "F32", 0, 10, threshold)
     assert got is not None and list(got[0]) == list(range(10))
+
+
+def test_create_preloads_the_kernel_only_for_big_models(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(kernels, "preload", calls.append)
+    base = {"w": np.zeros((4, 8), np.float32)}
+    ft = {"w": np.ones((4, 8), np.float32)}
+    create.create_diff(base, ft, k=3)
+    assert calls == [32]  # preload decides from the number of values pass 1 scans
 
 
 def test_big_endian_input_falls_back():
@@ -130,17 +141,6 @@ def test_big_endian_input_falls_back():
 
 
 # ---------------------------------------------------------------- whole diffs, byte for byte
-
-
-def _write_checkpoint(folder: Path, tensors: dict[str, tuple[np.ndarray, str]]) -> None:
-    folder.mkdir(parents=True)
-    names = sorted(tensors)
-    with open(folder / "model.safetensors", "wb") as fh:
-        writer = StreamingWriter(fh, [(n, tensors[n][1], tensors[n][0].shape) for n in names], {"format": "pt"})
-        for n in names:
-            writer.write(n, tensors[n][0])
-        writer.close()
-    (folder / "config.json").write_text(json.dumps({"model_type": "bert"}))
 
 
 def _pair(root: Path, dtype: str, seed: int, poison: float | None = None) -> tuple[Path, Path]:
@@ -153,8 +153,8 @@ def _pair(root: Path, dtype: str, seed: int, poison: float | None = None) -> tup
         base[f"layer.{i}.weight"] = (_stored(b, dtype).reshape(shape), dtype)
         ft[f"layer.{i}.weight"] = (_stored(f, dtype).reshape(shape), dtype)
     base["position_ids"] = ft["position_ids"] = (np.arange(8, dtype=np.int64), "I64")
-    _write_checkpoint(root / "base", base)
-    _write_checkpoint(root / "ft", ft)
+    write_checkpoint(root / "base", base)
+    write_checkpoint(root / "ft", ft)
     del rng
     return root / "base", root / "ft"
 

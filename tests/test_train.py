@@ -699,3 +699,156 @@ def test_cli_retrain_verifies_the_base_as_apply_does(llama_dir, other_llama_dir,
     assert "using 64" in captured.err
     retrained = SparseDiff.load(tmp_path / "ok.sft")
     assert retrained.meta.base["fingerprint"] == source.meta.base["fingerprint"]
+
+
+# -- `on=` diffs are verified against `base=` in the Python API too (issue 13 item 2)
+
+
+def on_diff(base_dir: Path, path: Path | None, seed: int = 5, record: bool = True) -> SparseDiff:
+    """A language-SFT-like diff over some of base_dir's weights, recording its digests as `create` does
+    (`record=False`: no base record at all), saved to `path` when given (then loaded back)."""
+    from sftdiff.checkpoint import Checkpoint
+    from sftdiff.fingerprint import base_record
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
+    mask = random_mask(model, per_tensor=10, seed=seed)
+    diff = SparseDiff({n: SparseEntry.from_float(tuple(model.get_parameter(n).shape), i, np.full(len(i), 0.01))
+                       for n, i in mask.items()})
+    if record:
+        diff.meta.base = base_record(Checkpoint.open(base_dir), diff.entries)
+    if path is None:
+        return diff
+    diff.save(path)
+    return SparseDiff.load(path)
+
+
+def counting_loss(calls: list):
+    def loss_fn(model, batch):
+        calls.append(1)
+        return model(**batch).loss
+    return loss_fn
+
+
+def test_api_on_diffs_are_verified_against_the_given_base_before_training(llama_dir, other_llama_dir, tmp_path):
+    from sftdiff.train import Sources, sparse_retrain
+
+    made_for_llama = on_diff(llama_dir, tmp_path / "lang-llama.sft")
+    model = transformers.AutoModelForCausalLM.from_pretrained(other_llama_dir)
+    before = snapshot(model)
+    calls: list = []
+    kwargs = dict(k=20, full_steps=2, sparse_steps=2, lr=1e-2, loss_fn=counting_loss(calls))
+    with pytest.raises(VerificationError) as info:
+        lottery_ticket_sft(model, clm_batches(), base=str(other_llama_dir), on=[made_for_llama], **kwargs)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(str(tmp_path / "lang-llama.sft"))
+    assert "differs from the one this diff was made from" in message and "verify=False" in message
+    assert calls == [] and all(torch.equal(t, before[n]) for n, t in model.state_dict().items())  # refused first
+
+    from sftdiff.checkpoint import Checkpoint
+
+    in_memory = on_diff(llama_dir, None)  # no path: named by its place in `on`
+    with pytest.raises(VerificationError, match=r"^on\[1\]: base tensor"):
+        lottery_ticket_sft(model, clm_batches(), base=Checkpoint.open(other_llama_dir),
+                           on=[on_diff(other_llama_dir, None), in_memory], **kwargs)
+    with pytest.raises(VerificationError, match="lang-llama.sft"):  # a multi-source run's diffs too
+        lottery_ticket_sft(model, Sources([(clm_batches(), [made_for_llama])]), base=other_llama_dir, **kwargs)
+    with pytest.raises(VerificationError, match="lang-llama.sft"):
+        sparse_retrain(model, random_mask(model, per_tensor=5), clm_batches(), steps=1, lr=1e-2,
+                       base=other_llama_dir, on=[made_for_llama])
+    assert calls == [] and not hasattr(model, "_sftdiff_attached")
+
+    # verify=False skips only the digests (as --no-verify); the right base passes
+    lottery_ticket_sft(model, clm_batches(), base=other_llama_dir, on=[made_for_llama], verify=False, **kwargs)
+    assert calls
+    right = lottery_ticket_sft(transformers.AutoModelForCausalLM.from_pretrained(llama_dir), clm_batches(),
+                               base=llama_dir, on=[tmp_path / "lang-llama.sft"], **kwargs)  # a path is read too
+    assert right.meta.origin["on"][0]["diff"] == "lang-llama.sft"
+
+    # a diff that records no base cannot be checked: said, not refused
+    with pytest.warns(UserWarning, match="records no base digests or fingerprint"):
+        lottery_ticket_sft(transformers.AutoModelForCausalLM.from_pretrained(llama_dir), clm_batches(),
+                           base=llama_dir, on=[on_diff(llama_dir, None, record=False)], **kwargs)
+
+
+def test_cli_train_on_a_diff_for_another_base_exits_4_and_no_verify_trains(llama_dir, other_llama_dir, corpus,
+                                                                           tmp_path, capsys):
+    on_diff(llama_dir, tmp_path / "lang-llama.sft")
+    args = ["--text", corpus[0], "--objective", "clm", "-k", 20, "--full-steps", 1, "--sparse-steps", 1,
+            "--batch-size", 2, "--seq-len", 16, "--device", "cpu", "--on", tmp_path / "lang-llama.sft", "-q"]
+    capsys.readouterr()
+    assert cli_exit("train", other_llama_dir, *args, "-o", tmp_path / "x.sft") == 4
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "lang-llama.sft" in err and "differs" in err
+    assert not (tmp_path / "x.sft").exists()
+    run_cli("train", other_llama_dir, *args, "--no-verify", "-o", tmp_path / "y.sft")  # the API does not re-check
+    assert SparseDiff.load(tmp_path / "y.sft").meta.origin["on"][0]["diff"] == "lang-llama.sft"
+
+
+# -- train and eval mode of the model and of extra_modules
+
+
+class ModeSpy(torch.nn.Module):
+    """A head with dropout that records the mode of itself and its dropout at each call."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = torch.nn.Dropout(0.1)
+        self.linear = torch.nn.Linear(LLAMA["hidden_size"], 3)
+        self.seen: list[tuple[bool, bool]] = []
+
+    def forward(self, hidden):
+        self.seen.append((self.training, self.drop.training))
+        return self.linear(self.drop(hidden))
+
+
+def head_loss(head: ModeSpy, fail_at: int | None = None):
+    def loss_fn(m, batch):
+        if fail_at is not None and len(head.seen) == fail_at:
+            raise RuntimeError("a step fails")
+        hidden = m.model(input_ids=batch["input_ids"]).last_hidden_state[:, 0]
+        return torch.nn.functional.cross_entropy(head(hidden), batch["input_ids"][:, 0] % 3)
+    return loss_fn
+
+
+def test_train_steps_puts_extra_modules_in_train_mode_and_restores_every_modules_mode():
+    from sftdiff.train import evaluate
+
+    model, head = tiny_llama().eval(), ModeSpy().eval()
+    model.model.layers[0].train()  # a caller's own mixed modes come back as they were
+    modes = {n: m.training for n, m in [*model.named_modules(), *(("head." + n, m) for n, m in head.named_modules())]}
+    attach(model, random_mask(model, per_tensor=5), extra_modules={"classifier": head})
+    current = lambda: {n: m.training for n, m in [*model.named_modules(),  # noqa: E731
+                                                  *(("head." + n, m) for n, m in head.named_modules())]
+                       if "parametrizations" not in n}  # the deltas attach added
+
+    train_steps(model, clm_batches(), 3, lr=1e-2, loss_fn=head_loss(head))
+    assert head.seen == [(True, True)] * 3  # the head trained with its dropout on
+    assert current() == modes
+    head.seen.clear()
+    with pytest.raises(RuntimeError, match="a step fails"):
+        train_steps(model, clm_batches(), 3, lr=1e-2, loss_fn=head_loss(head, fail_at=1))
+    assert current() == modes  # restored on the error too
+
+    head.train()
+    head.seen.clear()
+    evaluate(model, clm_batches(2), loss_fn=head_loss(head))
+    assert head.seen == [(False, False)] * 2 and head.training and head.drop.training  # eval, then back
+    with pytest.raises(RuntimeError, match="a step fails"):
+        evaluate(model, clm_batches(2), loss_fn=head_loss(head, fail_at=3))
+    assert head.training and head.drop.training and not model.training
+    detach(model)
+
+    # without attach, extra_modules= says which modules the loss uses
+    head.eval()
+    head.seen.clear()
+    train_steps(model, clm_batches(), 2, lr=1e-2, loss_fn=head_loss(head), extra_modules={"classifier": head},
+                parameters=list(head.parameters()))
+    assert head.seen == [(True, True)] * 2 and not head.training and not model.training
+
+
+def test_lottery_ticket_sft_trains_extra_modules_in_train_mode_in_both_phases():
+    model, head = tiny_llama().eval(), ModeSpy().eval()
+    lottery_ticket_sft(model, clm_batches(), k=30, full_steps=2, sparse_steps=2, lr=1e-2,
+                       extra_modules={"classifier": head}, loss_fn=head_loss(head))
+    assert head.seen == [(True, True)] * 4
+    assert not head.training and not head.drop.training and not model.training

@@ -199,7 +199,8 @@ def filter_cmd(diff: str, output: str, include: tuple[str, ...], exclude: tuple[
     """Keep or drop entries of IN by name, e.g. a language diff's MLM head: --exclude 'cls.*'.
 
     Globs are shell-style and case-sensitive. Entries are copied unchanged. Dropping all dense
-    entries drops the config patch too (it describes the head they carry).
+    entries drops the config patch too (it describes the head they carry). A filter that keeps
+    no entry is refused (a mistyped glob), showing some of IN's entry names.
     """
     from ..algebra import filter_entries
 

@@ -409,7 +409,8 @@ def train_cmd(base: str, objective: str, text: str | None, data: str | None, sou
                               sparse_steps=sparse_steps, lr=lr, sparse_lr=sparse_lr, schedule=schedule,
                               warmup_steps=warmup_steps, reset_dense=reset_dense, seed=seed, dense_globs=dense,
                               exclude_globs=exclude, full_l1_reg=full_l1_reg, sparse_l1_reg=sparse_l1_reg,
-                              base=run.ckpt, keep_trained=True, progress=not quiet, on=run.on)
+                              base=run.ckpt, keep_trained=True, progress=not quiet, on=run.on,
+                              verify=False)  # the digests were checked (or --no-verify) before the model loaded
     diff.meta.user = user_fields(description=description, kind=kind, language=language, task=task)
     warning = concentration_warning(diff)
     if warning:
