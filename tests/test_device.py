@@ -9,7 +9,6 @@ import importlib
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,41 +17,14 @@ torch = pytest.importorskip("torch")
 
 from helpers_models import run_cli  # noqa: E402
 from sftdiff import device_scan, kernels  # noqa: E402
-from sftdiff.dtypes import from_float32  # noqa: E402
 from sftdiff.errors import FormatError, UsageError  # noqa: E402
 from sftdiff.select import TopK  # noqa: E402
-from helpers_checkpoints import write_checkpoint  # noqa: E402
+from helpers_checkpoints import edge_values, stored, write_pair  # noqa: E402
 
 create = importlib.import_module("sftdiff.create")  # the module (sftdiff.create is also the function)
 DTYPES = ["BF16", "F16", "F32", "F64"]
 NO_CUDA = "no CUDA device here (torch.cuda.is_available() is False): the same tests run on 'cpu'"
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA))]
-
-
-def _stored(values: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "F64":
-        return values.astype(np.float64)
-    with np.errstate(over="ignore"):
-        return from_float32(values.astype(np.float32), dtype)
-
-
-def _values(n: int, seed: int, special: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """A base and a fine-tune (float32) whose differences include exact ties, zeros of both signs,
-    subnormals, values that overflow float16, equal inputs and (`special`) ±inf and NaN."""
-    rng = np.random.default_rng(seed)
-    base = rng.standard_normal(n).astype(np.float32) * np.float32(0.02)
-    ft = base + rng.standard_normal(n).astype(np.float32) * np.float32(0.004)
-    ft[::7] = base[::7]  # unchanged
-    ft[3::11] = base[3::11] + np.float32(0.0078125)  # many identical magnitudes, exact in every dtype
-    base[5::13], ft[5::13] = 0.0, -0.0
-    base[6::17], ft[6::17] = 1e-41, -1e-41  # float32 subnormals (zero once rounded to F16/BF16)
-    base[8::19], ft[8::19] = 3e-8, -2e-8  # float16 subnormals
-    base[9::23], ft[9::23] = 60000.0, -60000.0  # |Δ| 120000: finite in float32, beyond float16
-    if special:
-        base[10::97], ft[10::97] = np.inf, np.inf  # inf − inf: NaN
-        ft[11::89] = np.nan
-        base[12::83] = -np.inf  # |Δ| = inf
-    return base, ft
 
 
 def _numpy_scan(b: np.ndarray, bd: str, f: np.ndarray, fd: str, lo: int, hi: int, floor: float,
@@ -87,8 +59,8 @@ def _assert_same(got, expect, context) -> None:
 @pytest.mark.parametrize("bd", DTYPES)
 @pytest.mark.parametrize("fd", DTYPES)
 def test_device_scan_matches_numpy_bit_for_bit(device, bd, fd, monkeypatch):
-    base, ft = _values(5003, seed=len(bd) * 7 + len(fd))
-    b, f = _stored(base, bd), _stored(ft, fd)
+    base, ft = edge_values(5003, seed=len(bd) * 7 + len(fd), special=True)
+    b, f = stored(base, bd), stored(ft, fd)
     monkeypatch.setattr(device_scan, "CPU_CHUNK", 1000)  # several chunks per range, odd chunk starts
     monkeypatch.setattr(device_scan, "CUDA_CHUNK", 1000)
     for floor in _floors(b, bd, f, fd):
@@ -183,26 +155,12 @@ def test_out_of_device_memory_is_a_one_line_usage_error(monkeypatch):
 # ---------------------------------------------------------------- whole diffs, byte for byte
 
 
-def _pair(root: Path, dtype: str, seed: int, poison: float | None = None) -> tuple[Path, Path]:
-    base, ft = {}, {}
-    for i, shape in enumerate([(64, 48), (48,), (1 << 11, 96), (3, 5)]):
-        b, f = _values(int(np.prod(shape)), seed + i, special=False)
-        if poison is not None and i == 2:
-            f[100] = poison
-        base[f"layer.{i}.weight"] = (_stored(b, dtype).reshape(shape), dtype)
-        ft[f"layer.{i}.weight"] = (_stored(f, dtype).reshape(shape), dtype)
-    base["position_ids"] = ft["position_ids"] = (np.arange(8, dtype=np.int64), "I64")
-    write_checkpoint(root / "base", base)
-    write_checkpoint(root / "ft", ft)
-    return root / "base", root / "ft"
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
 @pytest.mark.parametrize("options", [dict(density=0.01), dict(k=4000), dict(density=0.05, scope="per-tensor"),
                                      dict(density=0.02, dtype="bf16")], ids=["density", "k", "per-tensor", "bf16"])
 def test_create_output_byte_identical_with_and_without_device(device, dtype, options, tmp_path, monkeypatch):
-    base, ft = _pair(tmp_path, dtype, seed=3)
+    base, ft = write_pair(tmp_path, dtype, seed=3)
     monkeypatch.setattr(device_scan, "CPU_CHUNK", 4096)  # many chunks per task on these small tensors
     create.create_diff(base, ft, device=device, **options).save(tmp_path / "device.sft")
     monkeypatch.setattr(kernels, "_kernel", False)  # the reference: numpy
@@ -213,7 +171,7 @@ def test_create_output_byte_identical_with_and_without_device(device, dtype, opt
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")])
 def test_create_refuses_nan_and_inf_the_same_way(device, poison, tmp_path):
-    base, ft = _pair(tmp_path, "F32", seed=5, poison=poison)
+    base, ft = write_pair(tmp_path, "F32", seed=5, poison=poison)
     with pytest.raises(FormatError) as on_device:
         create.create_diff(base, ft, density=0.01, device=device)
     with pytest.raises(FormatError) as default:
@@ -223,7 +181,7 @@ def test_create_refuses_nan_and_inf_the_same_way(device, poison, tmp_path):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_cli_create_device_output_byte_identical(device, tmp_path, capsys):
-    base, ft = _pair(tmp_path, "BF16", seed=7)
+    base, ft = write_pair(tmp_path, "BF16", seed=7)
     code, out, err = run_cli(["create", base, ft, "-o", tmp_path / "default.sft", "--density", "0.02", "--quiet"],
                              capsys)
     assert code == 0, err
@@ -236,7 +194,7 @@ def test_cli_create_device_output_byte_identical(device, tmp_path, capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present: nothing to refuse")
 def test_cli_create_device_cuda_without_cuda_exits_2(tmp_path, capsys):
-    base, ft = _pair(tmp_path, "F32", seed=9)
+    base, ft = write_pair(tmp_path, "F32", seed=9)
     code, out, err = run_cli(["create", base, ft, "-o", tmp_path / "x.sft", "--density", "0.02",
                               "--device", "cuda"], capsys)
     assert code == 2
@@ -247,14 +205,14 @@ def test_cli_create_device_cuda_without_cuda_exits_2(tmp_path, capsys):
 
 
 def test_cli_create_unknown_device_exits_2(tmp_path, capsys):
-    base, ft = _pair(tmp_path, "F32", seed=9)
+    base, ft = write_pair(tmp_path, "F32", seed=9)
     code, _, err = run_cli(["create", base, ft, "-o", tmp_path / "x.sft", "--density", "0.02",
                             "--device", "gpu"], capsys)
     assert code == 2 and "unknown device 'gpu'" in err and len(err.strip().splitlines()) == 1
 
 
 def test_create_imports_torch_only_for_a_device(tmp_path):
-    base, ft = _pair(tmp_path, "F32", seed=11)
+    base, ft = write_pair(tmp_path, "F32", seed=11)
     script = ("import sys, sftdiff; sftdiff.create_diff(sys.argv[1], sys.argv[2], density=0.02, "
               "device=sys.argv[3] or None); print('torch' in sys.modules)")
     for device, imported in [("", "False"), ("cpu", "True")]:

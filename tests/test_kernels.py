@@ -16,10 +16,10 @@ import pytest
 pytest.importorskip("numba")
 
 from sftdiff import kernels  # noqa: E402
-from sftdiff.dtypes import STORAGE, from_float32  # noqa: E402
+from sftdiff.dtypes import STORAGE  # noqa: E402
 from sftdiff.errors import FormatError  # noqa: E402
 from sftdiff.select import TopK  # noqa: E402
-from helpers_checkpoints import write_checkpoint  # noqa: E402
+from helpers_checkpoints import edge_values, stored, write_pair  # noqa: E402
 
 create = importlib.import_module("sftdiff.create")  # the module (sftdiff.create is also the function)
 DTYPES = ["BF16", "F16", "F32", "F64"]
@@ -28,28 +28,6 @@ DTYPES = ["BF16", "F16", "F32", "F64"]
 @pytest.fixture(autouse=True)
 def _kernel_loaded():
     assert kernels.available(), "numba is installed, so the kernel must load"
-
-
-def _stored(values: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "F64":
-        return values.astype(np.float64)
-    with np.errstate(over="ignore"):
-        return from_float32(values.astype(np.float32), dtype)
-
-
-def _edge_values(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A base and a fine-tune (float32) whose differences include exact ties, zeros of both signs,
-    subnormal and huge values, overflow to inf after rounding to float16, and equal inputs."""
-    rng = np.random.default_rng(seed)
-    base = rng.standard_normal(n).astype(np.float32) * np.float32(0.02)
-    ft = base + rng.standard_normal(n).astype(np.float32) * np.float32(0.004)
-    ft[::7] = base[::7]  # unchanged
-    ft[3::11] = base[3::11] + np.float32(0.0078125)  # many identical magnitudes (exact in every dtype)
-    base[5::13], ft[5::13] = 0.0, -0.0
-    base[6::17], ft[6::17] = 1e-41, -1e-41  # float32 subnormals (flush to zero in F16/BF16 rounding)
-    base[8::19], ft[8::19] = 3e-8, -2e-8  # float16 subnormals
-    base[9::23], ft[9::23] = 60000.0, -60000.0  # |Δ| 120000: finite in float32, beyond float16's range
-    return base, ft
 
 
 def _numpy_scan(b: np.ndarray, bd: str, f: np.ndarray, fd: str, lo: int, hi: int, floor: float,
@@ -73,8 +51,8 @@ def _floors(b: np.ndarray, bd: str, f: np.ndarray, fd: str) -> list[float]:
 @pytest.mark.parametrize("bd", DTYPES)
 @pytest.mark.parametrize("fd", DTYPES)
 def test_kernel_matches_numpy_scan_bit_for_bit(bd, fd, monkeypatch):
-    base, ft = _edge_values(5003, seed=len(bd) * 7 + len(fd))
-    b, f = _stored(base, bd), _stored(ft, fd)
+    base, ft = edge_values(5003, seed=len(bd) * 7 + len(fd))
+    b, f = stored(base, bd), stored(ft, fd)
     for floor in _floors(b, bd, f, fd):
         threshold = create._threshold_bits(floor)
         for lo, hi in [(0, b.size), (1, 4097), (2, 3), (777, 777 + 129)]:  # odd starts: BF16 pairs split
@@ -89,7 +67,7 @@ def test_kernel_matches_numpy_scan_bit_for_bit(bd, fd, monkeypatch):
 def test_kernel_lets_nan_and_inf_through_like_numpy(dtype, monkeypatch):
     base = np.array([0.5, 0.25, 1.0, -2.0, np.inf, np.nan, 1.0], np.float32)
     ft = np.array([0.5, np.nan, -np.inf, np.inf, np.inf, 1.0, 1.0], np.float32)
-    b, f = _stored(base, dtype), _stored(ft, dtype)
+    b, f = stored(base, dtype), stored(ft, dtype)
     threshold = create._threshold_bits(1000.0)  # a floor no finite |Δ| here reaches
     with np.errstate(invalid="ignore"):
         expect_idx, expect_mag = _numpy_scan(b, dtype, f, dtype, 0, b.size, 1000.0, monkeypatch)
@@ -143,22 +121,6 @@ def test_big_endian_input_falls_back():
 # ---------------------------------------------------------------- whole diffs, byte for byte
 
 
-def _pair(root: Path, dtype: str, seed: int, poison: float | None = None) -> tuple[Path, Path]:
-    rng = np.random.default_rng(seed)
-    base, ft = {}, {}
-    for i, shape in enumerate([(64, 48), (48,), (1 << 11, 96), (3, 5)]):
-        b, f = _edge_values(int(np.prod(shape)), seed + i)
-        if poison is not None and i == 2:
-            f[100] = poison
-        base[f"layer.{i}.weight"] = (_stored(b, dtype).reshape(shape), dtype)
-        ft[f"layer.{i}.weight"] = (_stored(f, dtype).reshape(shape), dtype)
-    base["position_ids"] = ft["position_ids"] = (np.arange(8, dtype=np.int64), "I64")
-    write_checkpoint(root / "base", base)
-    write_checkpoint(root / "ft", ft)
-    del rng
-    return root / "base", root / "ft"
-
-
 def _create_bytes(base: Path, ft: Path, out: Path, **kwargs) -> bytes:
     create.create_diff(base, ft, **kwargs).save(out)
     return out.read_bytes()
@@ -168,7 +130,7 @@ def _create_bytes(base: Path, ft: Path, out: Path, **kwargs) -> bytes:
 @pytest.mark.parametrize("options", [dict(density=0.01), dict(k=4000), dict(density=0.05, scope="per-tensor"),
                                      dict(density=0.02, dtype="bf16")], ids=["density", "k", "per-tensor", "bf16"])
 def test_create_output_byte_identical_with_and_without_kernel(dtype, options, tmp_path, monkeypatch):
-    base, ft = _pair(tmp_path, dtype, seed=3)
+    base, ft = write_pair(tmp_path, dtype, seed=3)
     with_kernel = _create_bytes(base, ft, tmp_path / "fast.sft", **options)
     monkeypatch.setattr(kernels, "_kernel", False)
     without = _create_bytes(base, ft, tmp_path / "numpy.sft", **options)
@@ -177,7 +139,7 @@ def test_create_output_byte_identical_with_and_without_kernel(dtype, options, tm
 
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")])
 def test_create_refuses_nan_and_inf_the_same_way(poison, tmp_path, monkeypatch):
-    base, ft = _pair(tmp_path, "F32", seed=5, poison=poison)
+    base, ft = write_pair(tmp_path, "F32", seed=5, poison=poison)
     with pytest.raises(FormatError) as fast:
         create.create_diff(base, ft, density=0.01)
     monkeypatch.setattr(kernels, "_kernel", False)
