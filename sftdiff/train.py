@@ -211,15 +211,16 @@ def as_diffs(on: Any, what: str = "an on= diff") -> tuple[SparseDiff, ...]:
 
 
 def verify_on(base: Checkpoint, on: OnDiffsArg, batches: Any = None, *, verify: bool = True,
-              warn: Callable[[str], None] | None = None) -> None:
+              warn: Callable[[str], None] | None = None, labels: Sequence[str] = ()) -> None:
     """Check that each diff to train on top of (`on`, and those of `batches` when it is a `Sources`)
     was made from `base`, as `apply` and the commands' `--on` check it (`verify.verify_against_base`:
     names, shapes, entry data, and with `verify` the base digests the diff recorded); a mismatch
     raises `VerificationError` naming the diff. A diff that records no digests cannot be checked:
-    `warn` (default `warnings.warn`) says so."""
+    `warn` (default `warnings.warn`) says so. `labels` name the `on` diffs in messages (default: their
+    paths, else `on[i]`)."""
     from .verify import BaseDigests, verify_against_base
 
-    diffs = [(d, d.path or f"on[{i}]") for i, d in enumerate(as_diffs(on))]
+    diffs = [(d, labels[i] if i < len(labels) else d.path or f"on[{i}]") for i, d in enumerate(as_diffs(on))]
     if isinstance(batches, Sources):
         diffs += [(d, d.path or f"Sources diff #{j + 1} of source #{i + 1}")
                   for i, (_, ds) in enumerate(batches.sources) for j, d in enumerate(ds)]

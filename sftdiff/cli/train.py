@@ -104,6 +104,7 @@ class _Run:
         from ..checkpoint import Checkpoint
         from ..labelled import read_task_data
         from ..text import check_objective, check_text_file, max_block_length, read_config
+        from ..train import verify_on
 
         inputs = [base, *(p for p in (text, eval_text, data, eval_data) if p), *(p for pair in sources for p in pair), *on]
         check_not_input(out, inputs)  # inputs are never modified, not even with --force
@@ -127,19 +128,13 @@ class _Run:
                 seq_len = limit
         self.ckpt = Checkpoint.open(base)
         self.warnings: list[str] = []
-        self.on = [self._open_verified(path, verify) for path in on]
-        self.source_diffs = [self._open_verified(path, verify) for _, path in sources]
+        paths = [*on, *(path for _, path in sources)]
+        diffs = [open_diff(path, base=self.ckpt) for path in paths]
+        verify_on(self.ckpt, diffs, verify=verify, warn=self.warnings.append, labels=paths)  # as apply checks them
+        self.on, self.source_diffs = diffs[:len(on)], diffs[len(on):]
         self.base, self.text, self.eval_text, self.eval_data = base, text, eval_text, eval_data
         self.objective = objective
         self.batch_size, self.seq_len, self.seed, self.device, self.quiet = batch_size, seq_len, seed, device, quiet
-
-    def _open_verified(self, path: str, verify: bool) -> "SparseDiff":
-        """A diff to train on, checked against the base as `apply` checks it."""
-        from ..verify import verify_against_base
-
-        diff = open_diff(path, base=self.ckpt)
-        self.warnings += verify_against_base(diff, self.ckpt, label=path, fingerprint=verify).warnings
-        return diff
 
     def load(self) -> None:
         """The model (its load report summed up in one line) and the batches."""
