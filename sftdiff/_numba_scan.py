@@ -1,14 +1,15 @@
-"""numba kernels of pass 1 (imported by `kernels` only when numba is installed; see there).
+"""numba kernels of `create`'s scan (imported by `kernels` only when numba is installed; see there).
 
 Module-level functions, so that numba's on-disk cache (`cache=True`) finds them again in later
 processes. Each kernel works in blocks of `BLOCK` values: a branch-free loop (which LLVM
-vectorizes) computes the magnitudes' float32 bit patterns |Δ| into an L1-resident buffer and their
-maximum; only a block whose maximum reaches the threshold is looked at again (`_collect`), and
-there only the groups of `GROUP` values whose own maximum reaches it are scanned value by value.
-At the ~1.5% of values pass 1 keeps nearly every block holds a candidate, while about one group
-in nine does; on this project's VM the grouped collection measured within noise of a branch per
-value of the block (tools/bench_create.py: the collection costs ~1.4 ns per scanned value either
-way, see docs/create.md). Bit patterns, as in create's numpy code: for non-negative floats they order as the
+vectorizes) computes the magnitudes' float32 bit patterns |Δ| into an L1-resident buffer and a
+flag byte per value that reaches the threshold; `_collect` then tests the flags `GROUP` at a time
+as one 64-bit word and notes the offsets of the groups that hold a candidate, then copies those
+candidates out: their positions, magnitudes and both raw values (so `create` never reads the
+selected values a second time). At the ~1.5% of values the scan keeps, nearly every block holds a
+candidate and about one group in nine does. This replaced a per-group maximum over the magnitudes
+(tools/bench_create.py, docs/create.md: the collection went from ~1.1 to ~0.3 ns per scanned
+value). Bit patterns, as in create's numpy code: for non-negative floats they order as the
 values, and NaN and ±inf (patterns ≥ 0x7F800000) pass every finite floor.
 
 One kernel per common dtype pair, whose widening is fixed at compile time, and a generic one for
@@ -24,7 +25,7 @@ import numpy as np
 from numba import njit
 
 BLOCK = 512  # values per block: the buffer stays in L1
-GROUP = 8  # values per group of `_collect` (a full block holds BLOCK // GROUP of them)
+GROUP = 8  # flags per 64-bit word tested at once by `_collect`
 _SIGN_OFF = np.uint32(0x7FFFFFFF)
 
 
@@ -64,91 +65,95 @@ def _to_f64(x: Any, kind: int) -> Any:
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _collect(buf: Any, n: int, start: int, threshold: Any, out_idx: Any, out_bits: Any, count: int) -> int:
-    """Append the positions (start + j) and bit patterns of buf[:n] reaching the threshold."""
-    if n < BLOCK:  # the tensor's or task's last, partial block
-        for j in range(n):
-            if buf[j] >= threshold:
-                out_idx[count] = start + j
-                out_bits[count] = buf[j]
-                count += 1
-        return count
-    for g in range(0, BLOCK, GROUP):
-        top = buf[g]
-        for j in range(g + 1, g + GROUP):  # a constant trip count: unrolled
-            top = max(top, buf[j])
-        if top >= threshold:  # write every value of the group, advance past those that pass: no branches
-            for j in range(g, g + GROUP):
-                out_idx[count] = start + j
-                out_bits[count] = buf[j]
-                count += buf[j] >= threshold
-    return count
+def _collect(buf: Any, flags: Any, words: Any, pos: Any, bb: Any, ff: Any, n: int, start: int, out_idx: Any,
+             out_bits: Any, out_b: Any, out_f: Any, count: int) -> int:
+    """Append the positions (start + j), bit patterns and raw base and fine-tune values (bb, ff) of
+    the block's values whose flag is set (`words`: the flags as 64-bit words); `pos` is scratch
+    for the block's passing offsets."""
+    for j in range(n, BLOCK):  # a partial last block: nothing beyond n passes
+        flags[j] = 0
+    c = 0
+    for g in range(BLOCK // GROUP):
+        if words[g] != 0:
+            for j in range(g * GROUP, g * GROUP + GROUP):  # no branch per value
+                pos[c] = j
+                c += flags[j]
+    for q in range(c):  # then one sequential write per candidate and output
+        j = pos[q]
+        out_idx[count + q] = start + j
+        out_bits[count + q] = buf[j]
+        out_b[count + q] = bb[j]
+        out_f[count + q] = ff[j]
+    return count + c
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def scan_bf16(b: Any, f: Any, lo: int, hi: int, threshold: Any, out_idx: Any, out_bits: Any) -> int:
-    buf = np.empty(BLOCK, np.uint32)
+def scan_bf16(b: Any, f: Any, lo: int, hi: int, threshold: Any, out_idx: Any, out_bits: Any, out_b: Any,
+              out_f: Any) -> int:
+    buf, flags, pos = np.empty(BLOCK, np.uint32), np.zeros(BLOCK, np.uint8), np.empty(BLOCK, np.int32)
+    words = flags.view(np.uint64)  # a group's GROUP flags as one word: one test skips the group
     count = 0
     for start in range(lo, hi, BLOCK):
         n = min(BLOCK, hi - start)
         bb, ff = b[start:start + n], f[start:start + n]
-        top = np.uint32(0)
         for j in range(n):
             m = np.float32(_bf16(ff[j]) - _bf16(bb[j])).view(np.uint32) & _SIGN_OFF
             buf[j] = m
-            top = max(top, m)
-        if top >= threshold:
-            count = _collect(buf, n, start, threshold, out_idx, out_bits, count)
+            flags[j] = m >= threshold
+        count = _collect(buf, flags, words, pos, bb, ff, n, start, out_idx, out_bits, out_b, out_f, count)
     return count
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def scan_f16(b: Any, f: Any, lo: int, hi: int, threshold: Any, out_idx: Any, out_bits: Any) -> int:
-    buf = np.empty(BLOCK, np.uint32)
+def scan_f16(b: Any, f: Any, lo: int, hi: int, threshold: Any, out_idx: Any, out_bits: Any, out_b: Any,
+             out_f: Any) -> int:
+    buf, flags, pos = np.empty(BLOCK, np.uint32), np.zeros(BLOCK, np.uint8), np.empty(BLOCK, np.int32)
+    words = flags.view(np.uint64)
     count = 0
     for start in range(lo, hi, BLOCK):
         n = min(BLOCK, hi - start)
         bb, ff = b[start:start + n], f[start:start + n]
-        top = np.uint32(0)
         for j in range(n):
             m = np.float32(_f16(ff[j]) - _f16(bb[j])).view(np.uint32) & _SIGN_OFF
             buf[j] = m
-            top = max(top, m)
-        if top >= threshold:
-            count = _collect(buf, n, start, threshold, out_idx, out_bits, count)
+            flags[j] = m >= threshold
+        count = _collect(buf, flags, words, pos, bb, ff, n, start, out_idx, out_bits, out_b, out_f, count)
     return count
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def scan_f32(b: Any, f: Any, lo: int, hi: int, threshold: Any, out_idx: Any, out_bits: Any) -> int:
-    buf = np.empty(BLOCK, np.uint32)
+def scan_f32(b: Any, f: Any, lo: int, hi: int, threshold: Any, out_idx: Any, out_bits: Any, out_b: Any,
+             out_f: Any) -> int:
+    buf, flags, pos = np.empty(BLOCK, np.uint32), np.zeros(BLOCK, np.uint8), np.empty(BLOCK, np.int32)
+    words = flags.view(np.uint64)
     count = 0
     for start in range(lo, hi, BLOCK):
         n = min(BLOCK, hi - start)
         bb, ff = b[start:start + n], f[start:start + n]
-        top = np.uint32(0)
         for j in range(n):
             m = np.float32(ff[j] - bb[j]).view(np.uint32) & _SIGN_OFF
             buf[j] = m
-            top = max(top, m)
-        if top >= threshold:
-            count = _collect(buf, n, start, threshold, out_idx, out_bits, count)
+            flags[j] = m >= threshold
+        count = _collect(buf, flags, words, pos, bb, ff, n, start, out_idx, out_bits, out_b, out_f, count)
     return count
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
 def scan_mixed(b: Any, kb: int, f: Any, kf: int, lo: int, hi: int, threshold: Any, out_idx: Any,
-               out_bits: Any) -> int:
-    buf = np.empty(BLOCK, np.uint32)
+               out_bits: Any, out_b: Any, out_f: Any) -> int:
+    buf, flags, pos = np.empty(BLOCK, np.uint32), np.zeros(BLOCK, np.uint8), np.empty(BLOCK, np.int32)
+    words = flags.view(np.uint64)
     wide64 = kb == 3 or kf == 3
     count = 0
     for start in range(lo, hi, BLOCK):
         n = min(BLOCK, hi - start)
+        bb, ff = b[start:start + n], f[start:start + n]
         for j in range(n):
             if wide64:  # subtract in float64, round the magnitude once to float32 (as numpy's cast)
-                m = np.float32(abs(_to_f64(f[start + j], kf) - _to_f64(b[start + j], kb))).view(np.uint32)
+                m = np.float32(abs(_to_f64(ff[j], kf) - _to_f64(bb[j], kb))).view(np.uint32)
             else:
-                m = np.float32(_to_f32(f[start + j], kf) - _to_f32(b[start + j], kb)).view(np.uint32) & _SIGN_OFF
+                m = np.float32(_to_f32(ff[j], kf) - _to_f32(bb[j], kb)).view(np.uint32) & _SIGN_OFF
             buf[j] = m
-        count = _collect(buf, n, start, threshold, out_idx, out_bits, count)
+            flags[j] = m >= threshold
+        count = _collect(buf, flags, words, pos, bb, ff, n, start, out_idx, out_bits, out_b, out_f, count)
     return count

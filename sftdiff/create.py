@@ -1,12 +1,13 @@
 """Base + fully fine-tuned checkpoint → exact top-k `SparseDiff` (LT-SFT's first phase).
 
-Two passes over the data, so memory stays at a few slices per thread plus O(k) whatever the
-model size. Pass 1 computes |Δ| = |fine-tune − base| in float32, slice by slice in a few threads,
-and offers the positions reaching the current floor to `select.TopK`, tensor by tensor in name
-order. A tensor's TopK rank is its position in that order, so TopK's rule "magnitude desc, rank
-asc, index asc" is exactly the spec's tie rule "magnitude desc, name asc, flat index asc". Pass 2
-reads both checkpoints again only at the selected positions and computes the stored values
-(`exact_deltas`), so the whole delta is never held.
+One pass over the data, so memory stays at a few slices per thread plus O(k) whatever the model
+size. The scan computes |Δ| = |fine-tune − base| in float32, slice by slice in a few threads, and
+offers the positions reaching the current floor to `select.TopK`, tensor by tensor in name order,
+together with both checkpoints' raw values there. A tensor's TopK rank is its position in that
+order, so TopK's rule "magnitude desc, rank asc, index asc" is exactly the spec's tie rule
+"magnitude desc, name asc, flat index asc". The stored values of the k selected positions are then
+computed from the raw values that came along (`exact_deltas`), so nothing is read twice and the
+whole delta is never held.
 
 Which parameters become what (`plan_entries`): float parameters present in both with the same
 shape are selectable (sparse); parameters only the fine-tune has, or whose shape changed, travel
@@ -31,7 +32,7 @@ import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -48,14 +49,14 @@ from .progress import progress_bar
 from .select import TopK, per_tensor_count
 
 SCOPES = ("global", "per-tensor")
-# Elements per numpy pass in pass 1: big enough that Python's per-call overhead is small against
+# Elements per numpy pass of the scan: big enough that Python's per-call overhead is small against
 # numpy's work, small enough that a slice's buffers stay in the CPU caches.
 SLICE = 1 << 17
-# Elements per pass-1 task handed to a worker thread (a whole number of slices).
+# Elements per scan task handed to a worker thread (a whole number of slices).
 TASK = 1 << 22
-# Worker threads of pass 1 and 2; numpy releases the GIL in the loops that matter.
+# Worker threads of the scan and of the values; numpy releases the GIL in the loops that matter.
 WORKERS = max(1, min(4, os.cpu_count() or 1))
-# Tensors pass 1 asks the kernel to read ahead of the one it scans (`Checkpoint.read_ahead`).
+# Tensors the scan asks the kernel to read ahead of the one it scans (`Checkpoint.read_ahead`).
 READ_AHEAD = 2
 # config.json fields that differ between any two saves and say nothing about the model.
 CONFIG_NOISE = frozenset({"transformers_version", "_name_or_path", "torch_dtype", "dtype", "_commit_hash",
@@ -95,7 +96,7 @@ def create_diff(base: Any, finetuned: Any, *, k: int | None = None, density: flo
     fine-tune lacks) are issued as `CreateWarning`. `base_checkpoint` (a path or `Checkpoint`):
     the checkpoint in-memory `base` tensors came from (perhaps only some of its tensors); the diff
     then records its fingerprint and digests and spells names as it does. `device` ("cpu", "cuda",
-    "cuda:N", "auto"): pass 1's scan runs with torch there (`device_scan`); the diff is the same.
+    "cuda:N", "auto"): the scan runs with torch there (`device_scan`); the diff is the same.
     """
     stored_dtype = value_dtype(dtype)
     check_budget(k, density, scope)
@@ -109,8 +110,6 @@ def create_diff(base: Any, finetuned: Any, *, k: int | None = None, density: flo
 
     numels = [ft_ckpt.tensors[p.source].numel for p in plan.sparse]
     selectable = sum(numels)
-    if device is None:
-        kernels.preload(selectable)  # a big pass 1 loads the compiled kernel meanwhile
     if k is not None and k > selectable:  # a budget above everything there is: all of it, said once
         warnings.warn(f"k={k:,} is more than the {selectable:,} selectable values; keeping every changed value "
                       "(density 100%)", CreateWarning, stacklevel=2)
@@ -125,19 +124,20 @@ def create_diff(base: Any, finetuned: Any, *, k: int | None = None, density: flo
         counts = [per_tensor_count(n, fraction) for n in numels]
     budget = counts[0] if scope == "global" else counts
     hint = estimated_floor(base_ckpt, ft_ckpt, plan.sparse, counts[0], selectable) if scope == "global" else 0.0
-    positions = select_positions(base_ckpt, ft_ckpt, plan.sparse, budget, floor=hint, progress=progress,
-                                 device=device)
-    selected = sum(len(v) for v in positions.values())
+    if device is None:  # after the estimate: numba's import would hold the GIL it needs
+        kernels.preload(selectable)  # a big scan loads the compiled kernel meanwhile
+    chosen = select(base_ckpt, ft_ckpt, plan.sparse, budget, floor=hint, progress=progress, device=device)
+    selected = sum(len(c.indices) for c in chosen.values())
     if hint > 0 and selected < counts[0]:  # the estimate was too high: select again without it
-        positions = select_positions(base_ckpt, ft_ckpt, plan.sparse, budget, progress=progress, device=device)
-        selected = sum(len(v) for v in positions.values())
+        chosen = select(base_ckpt, ft_ckpt, plan.sparse, budget, progress=progress, device=device)
+        selected = sum(len(c.indices) for c in chosen.values())
 
     entries: dict[str, SparseEntry | DenseEntry] = {}
-    chosen = [p for p in plan.sparse if p.name in positions]
+    pairs = [p for p in plan.sparse if p.name in chosen]
     with ThreadPoolExecutor(WORKERS) as pool:  # map keeps the order: entries come out as one thread makes them
-        gathered = pool.map(lambda pair: gather_entry(base_ckpt, ft_ckpt, pair, positions[pair.name], stored_dtype),
-                            chosen)
-        for pair, entry in zip(_bar(chosen, "gather", progress), gathered):
+        made = pool.map(lambda pair: sparse_entry(base_ckpt, ft_ckpt, pair, chosen.pop(pair.name), stored_dtype),
+                        pairs)
+        for pair, entry in zip(pairs, made):
             if entry is not None:
                 entries[pair.name] = entry
     for pair in plan.dense:
@@ -292,14 +292,14 @@ def config_patch(base_config: dict | None, ft_config: dict | None) -> dict | Non
     return patch or None
 
 
-# ---------------------------------------------------------------- pass 1: selection
+# ---------------------------------------------------------------- the scan: selection
 #
-# Pass 1 is the hot loop: every value of both checkpoints goes through it once. Each tensor is cut
+# The scan is the hot loop: every value of both checkpoints goes through it once. Each tensor is cut
 # into tasks of TASK elements that a small thread pool scans (numpy releases the GIL in ufuncs);
 # a task computes |Δ| slice by slice into reused per-thread buffers and returns only the positions
-# whose |Δ| reaches the TopK's current floor. The main thread offers those to the TopK in task
-# order, so the result does not depend on thread timing: the floor only decides how much is
-# filtered early, never what is selected.
+# whose |Δ| reaches the TopK's current floor, with both raw values there. The main thread offers
+# those to the TopK in task order, so the result does not depend on thread timing: the floor only
+# decides how much is filtered early, never what is selected.
 
 
 def abs_delta_slices(base_raw: np.ndarray, base_dtype: str, ft_raw: np.ndarray, ft_dtype: str,
@@ -340,9 +340,9 @@ def _as_wide(raw: np.ndarray, dtype: str, buf: np.ndarray) -> np.ndarray:
 def estimated_floor(base: Checkpoint, ft: Checkpoint, pairs: Sequence[Pair], k: int, total: int,
                     sample: int = 1 << 21, block: int = 1 << 14) -> float:
     """A magnitude that about 1.5k of the deltas reach, estimated from evenly spaced blocks of every
-    tensor. Only a hint that lets pass 1 skip most values from the start; a wrong one costs a retry.
+    tensor. Only a hint that lets the scan skip most values from the start; a wrong one costs a retry.
 
-    Why 1.5k: the fewer candidates reach the floor, the less pass 1 keeps and sorts out, but the
+    Why 1.5k: the fewer candidates reach the floor, the less the scan keeps and sorts out, but the
     hint must stay below the true k-th magnitude. A 2M-value sample holds ~2·10⁴·density values above
     it, so a 50% margin is many standard deviations for any sample that represents the model.
     Blocks of 16K values (not more, smaller ones) keep the reads few when the files are not cached."""
@@ -366,12 +366,12 @@ def estimated_floor(base: Checkpoint, ft: Checkpoint, pairs: Sequence[Pair], k: 
     values = np.concatenate(mags)
     rank = len(values) - int(len(values) * 1.5 * k / total)
     hint = float(np.partition(values, rank)[rank]) if 0 <= rank < len(values) else 0.0
-    return hint if np.isfinite(hint) else 0.0  # NaN/inf in the data: pass 1 reports it
+    return hint if np.isfinite(hint) else 0.0  # NaN/inf in the data: the scan reports it
 
 
 @dataclass
 class _Tensor:
-    """One selectable tensor during pass 1: its raw arrays and the TopK it feeds."""
+    """One selectable tensor during the scan: its raw arrays and the TopK it feeds."""
 
     pair: Pair
     base_raw: np.ndarray  # flat
@@ -382,31 +382,40 @@ class _Tensor:
     rank: int  # the TopK rank: position in name order (global scope) or 0 (its own TopK)
 
 
-def select_positions(base: Checkpoint, ft: Checkpoint, pairs: Sequence[Pair], budget: int | Sequence[int], *,
-                     floor: float = 0.0, progress: bool = False, device: str | None = None) -> dict[str, np.ndarray]:
-    """Selected flat indices per parameter name.
+class Candidates(NamedTuple):
+    """Positions of one tensor (ascending flat indices), their |Δ| and both checkpoints' raw values there."""
+
+    indices: np.ndarray
+    mags: np.ndarray
+    base: np.ndarray
+    ft: np.ndarray
+
+
+def select(base: Checkpoint, ft: Checkpoint, pairs: Sequence[Pair], budget: int | Sequence[int], *,
+           floor: float = 0.0, progress: bool = False, device: str | None = None) -> dict[str, Candidates]:
+    """The selected positions of each parameter, by name, with their raw values (`mags` left empty).
 
     `budget` is k over all pairs (global scope) or one count per pair (per-tensor scope); `floor`
     a magnitude the global top-k is believed to reach (see `estimated_floor`)."""
     shared = TopK(budget, floor=floor) if isinstance(budget, (int, np.integer)) else None
-    found: dict[str, np.ndarray] = {}
+    found: dict[str, Candidates] = {}
 
     def finish(t: _Tensor) -> None:  # every task of t has been merged
         base.release(t.pair.name)
         ft.release(t.pair.source)
         if shared is None:
-            found.update(_positions(t.top.result(), [t.pair.name]))
+            found.update(_by_name(t.top, [t.pair.name]))
 
     pending: deque[tuple[_Tensor, Future | None, bool]] = deque()  # (tensor, scan, last task of it)
 
     def merge_oldest() -> None:
         t, scan, last = pending.popleft()
         if scan is not None:
-            idx, mags = scan.result()
-            if mags.size and not np.isfinite(mags).all():  # NaN/inf always pass the filter
+            c = scan.result()
+            if c.mags.size and not np.isfinite(c.mags).all():  # NaN/inf always pass the filter
                 raise FormatError(f"{ft.hint or 'fine-tune'}: {t.pair.source} (or the base's {t.pair.name}) "
                                   "contains NaN or infinity; a diff needs finite weights")
-            t.top.offer_at(t.rank, idx, mags)
+            t.top.offer_at(t.rank, c.indices, c.mags, (c.base, c.ft))
         if last:
             finish(t)
 
@@ -439,13 +448,15 @@ def select_positions(base: Checkpoint, ft: Checkpoint, pairs: Sequence[Pair], bu
                 if scan is not None:
                     scan.cancel()
     if shared is not None:
-        found = _positions(shared.result(), [p.name for p in pairs])
+        found = _by_name(shared, [p.name for p in pairs])
     return found
 
 
-def _positions(result: dict[int, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
-    """TopK's result (rank -> sorted flat indices) by parameter name."""
-    return {names[rank]: indices for rank, indices in sorted(result.items())}
+def _by_name(top: TopK, names: Sequence[str]) -> dict[str, Candidates]:
+    """TopK's result (rank -> sorted flat indices and raw values) by parameter name."""
+    empty = np.empty(0, np.float32)
+    return {names[rank]: Candidates(indices, empty, b, f)
+            for rank, (indices, (b, f)) in top.result_with_payload().items()}
 
 
 def _task_size() -> int:
@@ -457,42 +468,41 @@ def _slice_size() -> int:
     return max(2, SLICE - SLICE % 2)  # even, so that BF16 values pair up into 32-bit words
 
 
-def _scan(t: _Tensor, lo: int, hi: int, device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(ascending flat indices, |Δ| as float32) of the positions in [lo, hi) whose |Δ| reaches the
-    TopK's floor (every nonzero one while it is 0). Runs in a worker thread."""
+def _scan(t: _Tensor, lo: int, hi: int, device: str | None = None) -> Candidates:
+    """The positions in [lo, hi) whose |Δ| reaches the TopK's floor (every nonzero one while it is
+    0), in ascending order, with |Δ| as float32 and the raw values of both tensors there (so the
+    values of the selected ones need no second read). Runs in a worker thread."""
     threshold = _threshold_bits(t.top.floor)  # read once: the floor only rises, so an old one is safe
     if device is not None:  # --device: torch scans there, with the same result (None: numpy below)
         on_device = device_scan.scan(t.base_raw, t.base_dtype, t.ft_raw, t.ft_dtype, lo, hi, threshold, device)
         if on_device is not None:
-            return on_device
+            idx, mags = on_device
+            return Candidates(idx, mags, t.base_raw[idx], t.ft_raw[idx])
     fused = kernels.scan(t.base_raw, t.base_dtype, t.ft_raw, t.ft_dtype, lo, hi, threshold)
     if fused is not None:  # the compiled kernel (numba installed): the same result in one pass
-        return fused
+        return Candidates(*fused)
     pairwise = t.base_dtype == t.ft_dtype == "BF16" and sys.byteorder == "little"
     step = _slice_size()
     scratch = _scratch(step)
-    indices, mags = [], []
+    found = [Candidates(np.empty(0, np.int64), np.empty(0, np.float32), t.base_raw[:0], t.ft_raw[:0])]
     for s in range(lo, hi, step):
         e = min(hi, s + step)
         mid = s + (e - s) // 2 * 2 if pairwise else s
+        b, f = t.base_raw[s:e], t.ft_raw[s:e]
         if mid > s:
-            i, m = _scan_bf16_pairs(t.base_raw[s:mid], t.ft_raw[s:mid], threshold, scratch)
-            indices.append(i + s)
-            mags.append(m)
+            i, m = _scan_bf16_pairs(b[:mid - s], f[:mid - s], threshold, scratch)
+            found.append(Candidates(i + s, m, b.take(i), f.take(i)))  # taken while the slice is cached
         if e > mid:  # other dtypes, or the odd last BF16 value
-            for _, d in abs_delta_slices(t.base_raw[mid:e], t.base_dtype, t.ft_raw[mid:e], t.ft_dtype, e - mid):
+            for _, d in abs_delta_slices(b[mid - s:], t.base_dtype, f[mid - s:], t.ft_dtype, e - mid):
                 i = np.flatnonzero(np.greater_equal(d.view(np.uint32), threshold))
-                indices.append(i + mid)
-                mags.append(d[i])
-    if not indices:
-        return np.empty(0, np.int64), np.empty(0, np.float32)
-    return np.concatenate(indices), np.concatenate(mags)
+                found.append(Candidates(i + mid, d.take(i), b[mid - s:].take(i), f[mid - s:].take(i)))
+    return Candidates(*(np.concatenate(column) for column in zip(*found)))
 
 
 def _threshold_bits(floor: float) -> np.uint32:
     """The floor as a float32 bit pattern: for non-negative floats bit patterns order as the
     values, so |Δ| ≥ floor is one integer comparison, and NaN and ±inf (patterns ≥ 0x7F800000)
-    always pass it, which is how pass 1 notices them without a separate check of every value."""
+    always pass it, which is how the scan notices them without a separate check of every value."""
     if floor <= 0:
         return np.uint32(1)  # every nonzero |Δ| (+0.0 is pattern 0)
     f = np.float32(floor)
@@ -533,7 +543,7 @@ def _scan_bf16_pairs(b16: np.ndarray, f16: np.ndarray, threshold: np.uint32,
 
 
 class _Scratch(threading.local):
-    """Per-thread pass-1 buffers, allocated once and reused by every slice."""
+    """Per-thread scan buffers, allocated once and reused by every slice."""
 
     size = 0
 
@@ -553,7 +563,7 @@ def _scratch(size: int) -> _Scratch:
     return _SCRATCH.ensure(size)
 
 
-# ---------------------------------------------------------------- pass 2: values
+# ---------------------------------------------------------------- values
 
 
 def exact_deltas(base_raw: np.ndarray, base_dtype: str, ft_raw: np.ndarray, ft_dtype: str) -> np.ndarray:
@@ -583,18 +593,14 @@ def _reconstructs(b32: np.ndarray, v: np.ndarray, target: np.ndarray, dtype: str
         return to_float64(applied, dtype) == target
 
 
-def gather_entry(base: Checkpoint, ft: Checkpoint, pair: Pair, indices: np.ndarray,
+def sparse_entry(base: Checkpoint, ft: Checkpoint, pair: Pair, chosen: Candidates,
                  stored_dtype: str) -> SparseEntry | None:
-    """The sparse entry of `pair` at the selected `indices` (pass 2: reads only those positions)."""
+    """The sparse entry of `pair` from its selected positions and the raw values found there."""
     t = base.tensors[pair.name]
-    b = base.array(pair.name).reshape(-1)[indices]
-    f = ft.array(pair.source).reshape(-1)[indices]
-    base.release(pair.name)
-    ft.release(pair.source)
-    values = exact_deltas(b, t.dtype, f, ft.tensors[pair.source].dtype)
+    values = exact_deltas(chosen.base, t.dtype, chosen.ft, ft.tensors[pair.source].dtype)
     if stored_dtype == "F16" and values.size and float(np.abs(values).max()) > F16_MAX:
         raise UsageError(f"a delta of {pair.name} exceeds the float16 range; store values as float32 or bfloat16")
-    return SparseEntry.from_float(t.shape, indices, values, stored_dtype, t.dtype)
+    return SparseEntry.from_float(t.shape, chosen.indices, values, stored_dtype, t.dtype)
 
 
 def dense_entry(base: Checkpoint, ft: Checkpoint, pair: Pair) -> DenseEntry:

@@ -1,6 +1,6 @@
-"""`create`'s pass-1 scan with torch on a chosen device (`sftdiff create --device`, `create_diff(device=...)`).
+"""`create`'s scan with torch on a chosen device (`sftdiff create --device`, `create_diff(device=...)`).
 
-Pass 1 computes |fine-tune − base| for every value and keeps the positions whose magnitude reaches
+The scan computes |fine-tune − base| for every value and keeps the positions whose magnitude reaches
 the TopK's floor. On the CPU that is bound by memory bandwidth (numpy, or the numba kernel of
 `kernels`); a CUDA GPU does the arithmetic at its own memory's bandwidth, so there the limit is
 moving the bytes over PCIe. `scan` copies a task's slices of both checkpoints into a reused
@@ -10,8 +10,8 @@ candidates. It returns bit for bit what `create._scan`'s numpy code returns, so 
 is byte-identical with and without a device; the same code runs on `cpu` (how it is tested on a
 machine without a GPU) and on `cuda`.
 
-torch is imported only when a device is asked for: `create` without one never imports it. Pass 2
-(gathering the k selected values) stays in numpy: it is O(k), not worth a transfer.
+torch is imported only when a device is asked for: `create` without one never imports it. The raw
+values of the candidates are taken from the host arrays (O(candidates), not worth a transfer).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 from .errors import UsageError
 
 # Values per transfer and computation: each torch op has a fixed cost (and on the CPU starts an
-# OpenMP region), so chunks are large; on a GPU a whole pass-1 task goes in one transfer.
+# OpenMP region), so chunks are large; on a GPU a whole scan task goes in one transfer.
 # Measured on the CPU: 2^16 values 10-60% slower than 2^20, 2^22 no better.
 CPU_CHUNK = 1 << 20
 CUDA_CHUNK = 1 << 22

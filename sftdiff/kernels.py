@@ -1,6 +1,6 @@
-"""Compiled kernels for `create`'s pass 1, with numba when it is installed (`pip install sftdiff[fast]`).
+"""Compiled kernels for `create`'s scan, with numba when it is installed (`pip install sftdiff[fast]`).
 
-Pass 1 reads every value of both checkpoints once. The numpy code in `create` needs about ten
+The scan reads every value of both checkpoints once. The numpy code in `create` needs about ten
 array passes per value (widen, subtract, magnitude, compare, compress, per slice); `scan` here is
 one fused loop per value, compiled, run in `create`'s worker threads with the GIL released, so all
 cores work on it. It returns exactly what `create._scan`'s numpy code returns for the same inputs
@@ -8,8 +8,8 @@ cores work on it. It returns exactly what `create._scan`'s numpy code returns fo
 
 numba was chosen because it compiles this loop from Python source at run time from wheels (no
 compiler needed), releases the GIL, and keeps `import sftdiff` light: it is imported only for a
-pass 1 of at least `MIN_VALUES` values (small models never pay for it), in a background thread
-started when pass 1 begins (`preload`), while the worker threads scan with numpy until it is ready;
+scan of at least `MIN_VALUES` values (small models never pay for it), in a background thread
+started when the scan begins (`preload`), while the worker threads scan with numpy until it is ready;
 its compiled code is cached on disk (`cache=True`) so later runs skip compiling. Without numba, or
 with `SFTDIFF_NUMBA=0` in the environment, `scan` returns None and `create` uses its numpy code.
 torch's kernels were not used by default: `create` does not import torch (about a second of
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-# The smallest pass 1 that loads the kernel: importing numba and loading the compiled kernel from
+# The smallest scan that loads the kernel: importing numba and loading the compiled kernel from
 # its cache costs about a second of CPU, more than numpy spends on a BERT-base-sized model (110M
 # values), and about what the kernel saves on 300M.
 MIN_VALUES = 1 << 28
@@ -43,36 +43,40 @@ def available() -> bool:
 
 
 def preload(values: int) -> None:
-    """Start loading the kernel in a background thread if a pass 1 of `values` values repays it
+    """Start loading the kernel in a background thread if a scan of `values` values repays it
     (`scan` returns None, i.e. numpy does the work, until it is loaded)."""
     if values >= MIN_VALUES and _kernel is None:
         threading.Thread(target=_load, name="sftdiff-kernel-load", daemon=True).start()
 
 
 def scan(base_raw: np.ndarray, base_dtype: str, ft_raw: np.ndarray, ft_dtype: str, lo: int, hi: int,
-         threshold: np.uint32) -> tuple[np.ndarray, np.ndarray] | None:
-    """(ascending flat indices as int64, |ft − base| as float32) of the positions in [lo, hi) whose
-    magnitude's float32 bit pattern is ≥ `threshold` (NaN and ±inf always pass), as `create._scan`
-    computes them; None when the kernel is not loaded (see `preload`, `available`) or cannot take
-    these arrays: the caller uses numpy."""
+         threshold: np.uint32) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """(ascending flat indices as int64, |ft − base| as float32, the base's and the fine-tune's raw
+    values there) of the positions in [lo, hi) whose magnitude's float32 bit pattern is
+    ≥ `threshold` (NaN and ±inf always pass), as `create._scan` computes them; None when the kernel
+    is not loaded (see `preload`, `available`) or cannot take these arrays: the caller uses numpy."""
     kernel = _kernel or None
     if kernel is None or base_dtype not in _KIND or ft_dtype not in _KIND:
         return None
     b, f = _as_kernel_array(base_raw, base_dtype), _as_kernel_array(ft_raw, ft_dtype)
     if b is None or f is None:
         return None
-    idx_buf, mag_buf = _buffers(hi - lo)
+    n = hi - lo
+    idx, bits = _buffer("idx", n, np.int64), _buffer("bits", n, np.uint32)  # bits: float32 patterns
+    out_b, out_f = _buffer("b", n, b.dtype), _buffer("f", n, f.dtype)
     threshold = np.uint32(threshold)
     same = base_dtype == ft_dtype
     if same and base_dtype == "BF16":
-        count = kernel.scan_bf16(b, f, lo, hi, threshold, idx_buf, mag_buf)
+        count = kernel.scan_bf16(b, f, lo, hi, threshold, idx, bits, out_b, out_f)
     elif same and base_dtype == "F16":
-        count = kernel.scan_f16(b, f, lo, hi, threshold, idx_buf, mag_buf)
+        count = kernel.scan_f16(b, f, lo, hi, threshold, idx, bits, out_b, out_f)
     elif same and base_dtype == "F32":
-        count = kernel.scan_f32(b, f, lo, hi, threshold, idx_buf, mag_buf)
+        count = kernel.scan_f32(b, f, lo, hi, threshold, idx, bits, out_b, out_f)
     else:
-        count = kernel.scan_mixed(b, _KIND[base_dtype], f, _KIND[ft_dtype], lo, hi, threshold, idx_buf, mag_buf)
-    return idx_buf[:count].copy(), mag_buf[:count].view(np.float32).copy()
+        count = kernel.scan_mixed(b, _KIND[base_dtype], f, _KIND[ft_dtype], lo, hi, threshold, idx, bits,
+                                  out_b, out_f)
+    return (idx[:count].copy(), bits[:count].view(np.float32).copy(),
+            out_b[:count].view(base_raw.dtype).copy(), out_f[:count].view(ft_raw.dtype).copy())
 
 
 def _as_kernel_array(raw: np.ndarray, dtype: str) -> np.ndarray | None:
@@ -86,13 +90,13 @@ def _as_kernel_array(raw: np.ndarray, dtype: str) -> np.ndarray | None:
     return flat.view(want)
 
 
-def _buffers(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-thread output buffers of at least n entries, reused by every task of the thread."""
-    if getattr(_scratch, "size", 0) < n:
-        _scratch.idx = np.empty(n, np.int64)
-        _scratch.mag = np.empty(n, np.uint32)  # float32 bit patterns
-        _scratch.size = n
-    return _scratch.idx, _scratch.mag
+def _buffer(role: str, n: int, dtype: np.dtype) -> np.ndarray:
+    """A per-thread output buffer of at least n entries, reused by every task of the thread."""
+    key = (role, np.dtype(dtype).str)
+    buffers = _scratch.__dict__
+    if key not in buffers or buffers[key].size < n:
+        buffers[key] = np.empty(n, dtype)
+    return buffers[key]
 
 
 def _load() -> Any:

@@ -31,7 +31,7 @@ def _kernel_loaded():
 
 
 def _numpy_scan(b: np.ndarray, bd: str, f: np.ndarray, fd: str, lo: int, hi: int, floor: float,
-                monkeypatch: pytest.MonkeyPatch) -> tuple[np.ndarray, np.ndarray]:
+                monkeypatch: pytest.MonkeyPatch) -> "create.Candidates":
     with monkeypatch.context() as m:
         m.setattr(kernels, "_kernel", False)  # as without numba: create's numpy code
         t = create._Tensor(create.Pair("w", "w"), b, bd, f, fd, TopK(1, floor=floor), 0)
@@ -56,11 +56,22 @@ def test_kernel_matches_numpy_scan_bit_for_bit(bd, fd, monkeypatch):
     for floor in _floors(b, bd, f, fd):
         threshold = create._threshold_bits(floor)
         for lo, hi in [(0, b.size), (1, 4097), (2, 3), (777, 777 + 129)]:  # odd starts: BF16 pairs split
-            expect_idx, expect_mag = _numpy_scan(b, bd, f, fd, lo, hi, floor, monkeypatch)
-            got_idx, got_mag = kernels.scan(b, bd, f, fd, lo, hi, threshold)
-            assert got_idx.dtype == np.int64 and got_mag.dtype == np.float32
-            assert np.array_equal(got_idx, expect_idx), (bd, fd, floor, lo, hi)
-            assert np.array_equal(got_mag.view(np.uint32), expect_mag.view(np.uint32)), (bd, fd, floor, lo, hi)
+            expect = _numpy_scan(b, bd, f, fd, lo, hi, floor, monkeypatch)
+            got = create.Candidates(*kernels.scan(b, bd, f, fd, lo, hi, threshold))
+            _assert_same_candidates(got, expect, b, f, (bd, fd, floor, lo, hi))
+
+
+def _assert_same_candidates(got: "create.Candidates", expect: "create.Candidates", b: np.ndarray, f: np.ndarray,
+                            context: tuple) -> None:
+    """Same positions, magnitudes bit for bit, and the raw values there, in the inputs' own dtypes."""
+    assert got.indices.dtype == np.int64 and got.mags.dtype == np.float32, context
+    assert np.array_equal(got.indices, expect.indices), context
+    assert np.array_equal(got.mags.view(np.uint32), expect.mags.view(np.uint32)), context
+    for raw, got_raw, expect_raw in [(b, got.base, expect.base), (f, got.ft, expect.ft)]:
+        assert got_raw.dtype == expect_raw.dtype == raw.dtype, context
+        bits = f"u{raw.dtype.itemsize}"
+        assert np.array_equal(got_raw.view(bits), raw.view(bits)[got.indices]), context
+        assert np.array_equal(expect_raw.view(bits), raw.view(bits)[got.indices]), context
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -70,10 +81,10 @@ def test_kernel_lets_nan_and_inf_through_like_numpy(dtype, monkeypatch):
     b, f = stored(base, dtype), stored(ft, dtype)
     threshold = create._threshold_bits(1000.0)  # a floor no finite |Δ| here reaches
     with np.errstate(invalid="ignore"):
-        expect_idx, expect_mag = _numpy_scan(b, dtype, f, dtype, 0, b.size, 1000.0, monkeypatch)
-    got_idx, got_mag = kernels.scan(b, dtype, f, dtype, 0, b.size, threshold)
-    assert list(got_idx) == list(expect_idx) == [1, 2, 3, 4, 5]  # NaN, inf, inf, inf − inf = NaN, NaN
-    assert np.array_equal(got_mag.view(np.uint32), expect_mag.view(np.uint32))
+        expect = _numpy_scan(b, dtype, f, dtype, 0, b.size, 1000.0, monkeypatch)
+    got = create.Candidates(*kernels.scan(b, dtype, f, dtype, 0, b.size, threshold))
+    assert list(got.indices) == [1, 2, 3, 4, 5]  # NaN, inf, inf, inf − inf = NaN, NaN
+    _assert_same_candidates(got, expect, b, f, (dtype,))
 
 
 def test_kernel_is_used_and_can_be_turned_off(monkeypatch):

@@ -6,16 +6,20 @@ shape in one file), warms the page cache, then times in fresh processes, round-r
 repetitions (medians):
 
   floor           `cat` of every weight file of both checkpoints (the read floor)
-  create          `sftdiff create BASE FT -o OUT --density D --quiet` (compiled pass-1 kernel if numba
+  create          `sftdiff create BASE FT -o OUT --density D --quiet` (compiled scan kernel if numba
                   is installed)
-  create (numpy)  the same with SFTDIFF_NUMBA=0 (the numpy pass 1), and a byte comparison of both outputs
+  create (numpy)  the same with SFTDIFF_NUMBA=0 (the numpy scan), and a byte comparison of both outputs
 
+`--baseline-src DIR` also times `create` imported from another source tree (a checkout of an
+earlier commit) in the same rounds, and compares its output byte for byte: before/after figures
+measured side by side, which this VM's drifting speed makes the only comparable ones. Reported
 with each child's CPU seconds (user+sys, less disturbed by other load than wall time) and its peak
 anonymous RSS (sampled from /proc every 10 ms; mapped file pages are not counted). Targets (issue 14):
 create <= 2.5x floor (1.1B) and <= 4x (110M), peak anonymous RSS <= 1 GB. The load average is printed:
 the machine is shared. The data is deleted at the end unless --keep.
 
     python tools/bench_create.py [--workloads llama bert] [--reps 3] [--density 0.01] [--cold] [--keep]
+                                  [--baseline-src DIR]
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ def main() -> None:
     ap.add_argument("--cold", action="store_true", help="evict the benchmark's files from the page cache "
                     "(fsync + posix_fadvise DONTNEED) before every run instead of warming it")
     ap.add_argument("--keep", action="store_true", help="keep (and reuse) the synthetic checkpoints")
+    ap.add_argument("--baseline-src", metavar="DIR", help="also time `sftdiff create` imported from the source tree DIR")
     args = ap.parse_args()
 
     root = Path(args.dir)
@@ -90,8 +95,13 @@ def main() -> None:
         runs = [("floor", ["cat", *map(str, files)], None), ("create", [*create, str(out)], None)]
         if not args.no_numpy:
             runs.append(("create (numpy)", [*create, str(out_numpy)], numpy_env))
+        out_baseline = root / workload / "out-baseline.sft"
+        if args.baseline_src:
+            env = dict(os.environ, PYTHONPATH=str(Path(args.baseline_src).resolve()))
+            runs.append(("baseline", [sys.executable, "-P", *create[1:], str(out_baseline)], env))
         warm(files)
-        timed(runs[1][1])  # untimed first run: compiles the kernel once if numba's cache is empty
+        for _, cmd, env in runs[1:]:  # untimed first runs: compile the kernel once if numba's cache is empty
+            timed(cmd, env)
         samples: dict[str, list[tuple[float, float, float]]] = {label: [] for label, _, _ in runs}
         for _ in range(args.reps):
             for label, cmd, env in runs:
@@ -102,24 +112,28 @@ def main() -> None:
         cpu = {label: statistics.median(c for _, c, _ in got) for label, got in samples.items()}
         peak = {label: max(r for _, _, r in got) for label, got in samples.items()}
         same = None if args.no_numpy else out.read_bytes() == out_numpy.read_bytes()
+        if args.baseline_src:
+            same = (same is not False) and out.read_bytes() == out_baseline.read_bytes()
         table.append((workload, med, cpu, peak, same, sum(f.stat().st_size for f in files)))
 
     print(f"load average {load_before} before, {load_average()} after; {args.reps} repetitions, "
           f"{'cold (files evicted before each run)' if args.cold else 'warm'} page cache, "
           f"density {args.density}; nproc {os.cpu_count()}")
-    print("| workload | create | read floor (`cat base ft`) | ratio | target | create, numpy pass 1 | ratio "
-          "| CPU s create / numpy | peak anon RSS MiB | outputs identical |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| workload | create | read floor (`cat base ft`) | ratio | target | create, numpy scan | ratio "
+          "| CPU s create / numpy | peak anon RSS MiB | outputs identical | baseline (CPU s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for workload, med, cpu, peak, same, size in table:
         target = 2.5 if workload == "llama" else 4.0
         ratio = med["create"] / med["floor"]
         numpy_cells = ("-", "-") if "create (numpy)" not in med else \
             (f"{med['create (numpy)']:.2f} s", f"{med['create (numpy)'] / med['floor']:.1f}x")
         numpy_cpu = f"{cpu['create (numpy)']:.2f}" if "create (numpy)" in cpu else "-"
+        baseline = "-" if "baseline" not in med else \
+            f"{med['baseline']:.2f} s, {med['baseline'] / med['floor']:.1f}x ({cpu['baseline']:.2f})"
         print(f"| {WORKLOADS[workload]['label']}, {args.density:.0%} ({numel(workload) / 1e6:,.0f}M values, "
               f"{size / 1e9:.2f} GB read) | {med['create']:.2f} s | {med['floor']:.2f} s | {ratio:.1f}x | "
               f"<= {target}x: {'ok' if ratio <= target else 'MISSED'} | {numpy_cells[0]} | {numpy_cells[1]} | "
-              f"{cpu['create']:.2f} / {numpy_cpu} | {peak['create']:.0f} | {'-' if same is None else same} |")
+              f"{cpu['create']:.2f} / {numpy_cpu} | {peak['create']:.0f} | {'-' if same is None else same} | {baseline} |")
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
 
