@@ -20,15 +20,12 @@ result as the first operand spells it. Their recorded base digests are compared 
 - config patches merge key by key, a later operand winning, with a warning naming the key.
 The content fingerprint of an operand (recorded in `meta.provenance`) is `sha256:` + the SHA-256
 of its file's bytes when it was loaded from a file, else of its canonical entry bytes
-(`content_fingerprint`).
+(`fingerprint.content_fingerprint`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
@@ -39,6 +36,7 @@ from .compose import _warn as _default_warn
 from .diff import DenseEntry, DiffMeta, Entry, EntryInfo, SparseDiff, SparseEntry, _info
 from .dtypes import from_float32, round_to_odd_f32, to_float32, value_dtype
 from .errors import UsageError, VerificationError
+from .fingerprint import content_fingerprint
 from .names import NameMap, matches_any
 from .select import TopK, per_tensor_count, select_topk
 
@@ -122,29 +120,6 @@ def _f64(entry: Entry) -> np.ndarray:
 def label_of(diff: SparseDiff, position: int) -> str:
     """How messages and provenance name an operand: its path, else its position."""
     return diff.path if diff.path else f"operand {position + 1} (in memory)"
-
-
-def content_fingerprint(diff: SparseDiff) -> tuple[str, str]:
-    """(`sha256:<hex>`, what was hashed: "file" or "entries").
-
-    A diff loaded from a file is identified by its file's bytes. An in-memory diff is identified by
-    its entries in name order: for each, the UTF-8 JSON `[name, kind, shape, dtype, base_dtype]`, then
-    (sparse) its indices as little-endian int64 and its stored values, or (dense) its stored values.
-    """
-    h = hashlib.sha256()
-    if diff.path and os.path.isfile(diff.path):
-        with open(diff.path, "rb") as f:
-            for block in iter(lambda: f.read(8 << 20), b""):
-                h.update(block)
-        return f"sha256:{h.hexdigest()}", "file"
-    for name in sorted(diff.entries):
-        entry = diff.entries[name]
-        kind = "sparse" if isinstance(entry, SparseEntry) else "dense"
-        h.update(json.dumps([name, kind, list(entry.shape), entry.dtype, entry.base_dtype]).encode())
-        if isinstance(entry, SparseEntry):
-            h.update(np.asarray(entry.indices, dtype="<i8").tobytes())
-        h.update(np.ascontiguousarray(entry.values).tobytes())
-    return f"sha256:{h.hexdigest()}", "entries"
 
 
 # -- aligning operands by parameter ----------------------------------------------------------------

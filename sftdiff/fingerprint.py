@@ -7,17 +7,22 @@ probability > 60%, so one of 16 blocks almost surely), while reading 64 KiB per 
 cost to a few megabytes for a whole model. The model fingerprint hashes the sorted
 (name, digest) pairs of all floating-point tensors. `spec/format.md` ("Base fingerprint") is the
 normative description.
+
+A diff's content fingerprint (`content_fingerprint`, recorded in provenance and recipes) is the
+SHA-256 of its file, or of its canonical entry bytes when it lives only in memory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any, Iterable
 
 import numpy as np
 
 from .checkpoint import Checkpoint
+from .diff import SparseDiff, SparseEntry
 
 SCHEME = "sfp1"
 BLOCK = 4096
@@ -107,3 +112,26 @@ def record_as_made_from(checkpoint: Any, in_memory: Checkpoint, entries: dict[st
             raise VerificationError(f"base_checkpoint {ckpt.hint or ''}: its tensor {target!r} is not the base tensor "
                                     f"{name!r} given in memory; pass the checkpoint the base tensors came from")
     return renamed, base_record(ckpt, sorted(n for n in renamed if n in ckpt.tensors))
+
+
+def content_fingerprint(diff: SparseDiff) -> tuple[str, str]:
+    """(`sha256:<hex>`, what was hashed: "file" or "entries").
+
+    A diff loaded from a file is identified by its file's bytes. An in-memory diff is identified by
+    its entries in name order: for each, the UTF-8 JSON `[name, kind, shape, dtype, base_dtype]`, then
+    (sparse) its indices as little-endian int64 and its stored values, or (dense) its stored values.
+    """
+    h = hashlib.sha256()
+    if diff.path and os.path.isfile(diff.path):
+        with open(diff.path, "rb") as f:
+            for block in iter(lambda: f.read(8 << 20), b""):
+                h.update(block)
+        return f"sha256:{h.hexdigest()}", "file"
+    for name in sorted(diff.entries):
+        entry = diff.entries[name]
+        kind = "sparse" if isinstance(entry, SparseEntry) else "dense"
+        h.update(json.dumps([name, kind, list(entry.shape), entry.dtype, entry.base_dtype]).encode())
+        if isinstance(entry, SparseEntry):
+            h.update(np.asarray(entry.indices, dtype="<i8").tobytes())
+        h.update(np.ascontiguousarray(entry.values).tobytes())
+    return f"sha256:{h.hexdigest()}", "entries"

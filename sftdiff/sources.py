@@ -69,14 +69,13 @@ def looks_like_diff(source: str | Path) -> bool:
     """Cheaply, without parsing it: is `source` a local diff (a `.sft` file by its header, or a
     folder holding one, a composable-sft `pytorch_diff.bin` or a PEFT `adapter_config.json`)?
     For telling swapped arguments apart; a file merely named `*.sft` is not a diff."""
-    from .formats.common import ADAPTER_CONFIG
-    from .formats.composable import FILE_NAME
+    from .formats import ADAPTER_CONFIG, COMPOSABLE_FILE
 
     path = Path(source)
     if path.is_file():
         return _is_sft(path)
     return path.is_dir() and (any(p.is_file() and _is_sft(p) for p in path.glob("*.sft"))
-                              or (path / FILE_NAME).is_file() or (path / ADAPTER_CONFIG).is_file())
+                              or (path / COMPOSABLE_FILE).is_file() or (path / ADAPTER_CONFIG).is_file())
 
 
 def _is_sft(path: Path) -> bool:

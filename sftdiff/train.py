@@ -184,7 +184,7 @@ def on_record(diffs: Sequence[SparseDiff]) -> list[dict[str, Any]]:
     """Provenance of diffs trained on top of: each one's file name and content fingerprint."""
     import os
 
-    from .algebra import content_fingerprint
+    from .fingerprint import content_fingerprint
 
     return [{"diff": os.path.basename(d.path) if d.path else None, "content_fingerprint": content_fingerprint(d)[0]}
             for d in diffs]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import subprocess
@@ -15,12 +16,12 @@ import transformers
 import yaml
 
 from sftdiff import __version__
-from sftdiff.algebra import content_fingerprint, scale
+from sftdiff.algebra import scale
 from sftdiff.bake import bake
 from sftdiff.checkpoint import Checkpoint
 from sftdiff.diff import SparseDiff
-from sftdiff.fingerprint import checkpoint_digests, model_fingerprint
-from sftdiff.recipe import RECIPE_KEY, hub_repo_id, read, split_front_matter
+from sftdiff.fingerprint import checkpoint_digests, content_fingerprint, model_fingerprint
+from sftdiff.recipe import RECIPE_KEY, front_matter, hub_repo_id, read, split_front_matter
 from sftdiff.safetensors_io import SafetensorsFile
 
 PATCH = {"architectures": ["BertForTokenClassification"], "num_labels": 3,
@@ -258,3 +259,22 @@ def test_inspect_of_baked_folder_imports_neither_torch_nor_transformers(baked):
             "print('torch' in sys.modules, 'transformers' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code, str(baked)], capture_output=True, text=True, check=True)
     assert "baked model:" in r.stdout and r.stdout.strip().splitlines()[-1] == "False False"
+
+
+@pytest.mark.parametrize("meta", [
+    {"base_model": "org/name", "library_name": "transformers", "tags": ["sftdiff", "lt-sft"]},
+    {"language": ["tr", "id"], "license": "apache-2.0", "datasets": [], "nested": {"a": [1, 2.5, None, True]}},
+    {"description": "Türkçe: \"quoted\" — 'single' # not a comment: yes\n second line"},
+    {"weird": "a\u2028b", "emoji": "😀"},  # line separator, astral character: YAML's own spelling
+    {"when": datetime.date(2024, 1, 2)},  # not JSON
+    {"not a key": 1},  # not an identifier
+    {"loss": float("nan")},  # not finite
+], ids=["plain", "nested", "quoting", "yaml-special", "date", "spaced-key", "nan"])
+def test_card_front_matter_reads_back_as_written(meta):
+    text = front_matter(meta)
+    back = yaml.safe_load(text)
+    if "loss" in meta:
+        assert back["loss"] != back["loss"]  # NaN
+    else:
+        assert back == meta
+    assert split_front_matter(f"---\n{text}\n---\nbody")[0].keys() == meta.keys()

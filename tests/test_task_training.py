@@ -15,7 +15,7 @@ from labelled_helpers import BERT, bert_folder, tagged_sentences, write_conllu, 
 import torch
 import transformers
 
-from sftdiff.algebra import content_fingerprint
+from sftdiff.fingerprint import content_fingerprint
 from sftdiff.checkpoint import Checkpoint
 from sftdiff.diff import SparseDiff
 from sftdiff.evaluate import evaluate

@@ -21,11 +21,14 @@ from typing import Any
 from ..checkpoint import Checkpoint
 from ..diff import SparseDiff
 from ..errors import FormatError, UsageError
-from .common import ADAPTER_CONFIG, topk_sparse
 
 IMPORT_FORMATS = ("sft", "composable-sft", "peft-sft", "lora", "task-vector")
 EXPORT_FORMATS = ("sft", "composable-sft", "peft-sft", "lora", "task-vector", "npz")
 HUB_SFT_NAME = "diff.sft"  # the file an `.sft` Hub repo is expected to hold
+# Other tools' file names, here rather than in their format modules so that telling a diff from a
+# checkpoint (`sources.looks_like_diff`, on every apply) imports none of the format code.
+COMPOSABLE_FILE = "pytorch_diff.bin"  # composable-sft
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT
 
 
 def _locate(source: str) -> Path:
@@ -65,7 +68,6 @@ def _sft_in_folder(folder: Path) -> Path | None:
 
 def detect(path: Path) -> tuple[str, Path]:
     """(format, path to read) of a local file or folder."""
-    from .composable import FILE_NAME as COMPOSABLE_FILE
 
     if path.is_dir():
         sft = _sft_in_folder(path)
@@ -107,9 +109,8 @@ def _input_path(fmt: str, path: Path) -> Path:
     if fmt in ("peft-sft", "lora") and path.is_file():
         return path.parent
     if fmt == "composable-sft" and path.is_dir():
-        from .composable import FILE_NAME
 
-        return path / FILE_NAME
+        return path / COMPOSABLE_FILE
     if fmt == "sft" and path.is_dir():
         sft = _sft_in_folder(path)
         if sft is None:
@@ -246,6 +247,8 @@ def convert(source: str, output: str | Path, *, from_format: str | None = None, 
 
         verify_against_base(diff, checkpoint, label=source, fingerprint=verify)
     if from_format_detected not in ("lora", "task-vector") and (k is not None or density is not None):
+        from .common import topk_sparse
+
         diff = SparseDiff(topk_sparse(diff.entries, k, density), diff.meta)
         diff.meta = diff.meta.copy(origin={**diff.meta.origin, "k": k, "density": density})
     dropped_metadata, notes = _lost_metadata(diff, to_format)

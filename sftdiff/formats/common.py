@@ -18,8 +18,8 @@ from ..diff import DenseEntry, DiffMeta, Entry, SparseDiff, SparseEntry
 from ..errors import FormatError, UsageError, VerificationError
 from ..names import NameMap
 from ..select import TopK, per_tensor_count
+from . import ADAPTER_CONFIG
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
 ADAPTER_BIN = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."

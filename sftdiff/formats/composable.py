@@ -18,10 +18,11 @@ import numpy as np
 from ..checkpoint import Checkpoint
 from ..diff import DenseEntry, Entry, SparseDiff
 from ..errors import FormatError
+from . import COMPOSABLE_FILE
 from .common import canonical_sparse, make_diff
 from .torch_pickle import TorchArray, load_torch_zip
 
-FILE_NAME = "pytorch_diff.bin"
+FILE_NAME = COMPOSABLE_FILE
 _DIFF_KEYS = {"size", "index_steps", "values"}
 MAX_NUMEL = 2**63 - 1  # flat indices are int64
 
