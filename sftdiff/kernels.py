@@ -93,7 +93,9 @@ def _as_kernel_array(raw: np.ndarray, dtype: str) -> np.ndarray | None:
 def _buffer(role: str, n: int, dtype: np.dtype) -> np.ndarray:
     """A per-thread output buffer of at least n entries, reused by every task of the thread."""
     key = (role, np.dtype(dtype).str)
-    buffers = _scratch.__dict__
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = {}
     if key not in buffers or buffers[key].size < n:
         buffers[key] = np.empty(n, dtype)
     return buffers[key]
