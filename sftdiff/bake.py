@@ -303,7 +303,7 @@ def bake(base: str | os.PathLike | Checkpoint, diffs: Sequence[str | os.PathLike
                 for shard_name, shard in zip(names, shards):
                     _write_shard(tmp / shard_name, shard, ckpt, sources, layers, bar, flusher, metadata)
                 # The small files come last: made while the disk writes the weights' last bytes (the
-                # card's YAML import and rendering are ~0.03 s of CPU) rather than before the first.
+                # card's rendering and the side files' copies) rather than before the first.
                 if len(shards) > 1:
                     _write_index(tmp / SAFETENSORS_INDEX, shards, names)
                 copy_side_files(ckpt.path, tmp)

@@ -634,7 +634,7 @@ def sparse_retrain(model: Any, diff_or_mask: SparseDiff | Mask, batches: Iterabl
 
 
 def _checkpoint(base: str | os.PathLike | Checkpoint | None) -> Checkpoint | None:
-    return Checkpoint.open(base) if isinstance(base, (str, bytes)) or hasattr(base, "__fspath__") else base
+    return Checkpoint.open(base) if isinstance(base, (str, bytes, os.PathLike)) else base
 
 
 def lottery_ticket_sft(model: Any, batches: Iterable[Any], *, k: int | None = None, density: float | None = None,

@@ -116,8 +116,8 @@ def _import_numpy_without_blas_threads() -> None:
     """Import numpy with its OpenBLAS limited to one thread, unless numpy is loaded already or the
     user set OPENBLAS_NUM_THREADS. At load OpenBLAS starts a thread per core that spins for a while
     (~0.07 s of CPU on 2 cores, a tenth of a 110M-parameter apply), and no command does linear
-    algebra in numpy (torch has its own threads). OpenBLAS reads the variable only when it loads, so it is removed again afterwards and
-    nothing else in the process (or a child) sees it. The garbage collector is paused meanwhile:
+    algebra in numpy (torch has its own threads). OpenBLAS reads the variable only when it loads, so
+    it is removed again afterwards and nothing else in the process (or a child) sees it. The garbage collector is paused meanwhile:
     the import makes many objects and no cycles worth collecting (~5 ms of CPU)."""
     if "numpy" in sys.modules or "OPENBLAS_NUM_THREADS" in os.environ:
         return

@@ -22,7 +22,6 @@ from . import COMPOSABLE_FILE
 from .common import canonical_sparse, make_diff
 from .torch_pickle import TorchArray, load_torch_zip
 
-FILE_NAME = COMPOSABLE_FILE
 _DIFF_KEYS = {"size", "index_steps", "values"}
 MAX_NUMEL = 2**63 - 1  # flat indices are int64
 
@@ -141,7 +140,7 @@ def read_composable(path: str | Path) -> dict[str, Entry]:
 
 
 def load_composable(path: Path, base: Checkpoint | None, source: str) -> SparseDiff:
-    file = path / FILE_NAME if path.is_dir() else path
+    file = path / COMPOSABLE_FILE if path.is_dir() else path
     return make_diff(read_composable(file), "composable-sft", source, base)
 
 
@@ -169,5 +168,5 @@ def export_composable(diff: SparseDiff, out: Path, *, overwrite: bool) -> Path:
         diffs[name] = {"size": torch.Size(entry.shape), "index_steps": index_steps, "values": values[order]}
     payload = {"diffs": diffs, "abs": dense}
     with atomic_path(out, overwrite=overwrite, directory=not target_is_file) as tmp:
-        torch.save(payload, tmp if target_is_file else tmp / FILE_NAME)
-    return out if target_is_file else out / FILE_NAME
+        torch.save(payload, tmp if target_is_file else tmp / COMPOSABLE_FILE)
+    return out if target_is_file else out / COMPOSABLE_FILE
