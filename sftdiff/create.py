@@ -62,6 +62,8 @@ READ_AHEAD = 2
 CONFIG_NOISE = frozenset({"transformers_version", "_name_or_path", "torch_dtype", "dtype", "_commit_hash",
                           "_attn_implementation_autoset"})
 F16_MAX = 65504.0
+# Values from which a missing compiled scan (`kernels.built()`) is worth a warning: ~1 s of numpy.
+NOTE_SLOW_SCAN_FROM = 1 << 28
 
 
 class CreateWarning(UserWarning):
@@ -123,9 +125,11 @@ def create_diff(base: Any, finetuned: Any, *, k: int | None = None, density: flo
     else:
         counts = [per_tensor_count(n, fraction) for n in numels]
     budget = counts[0] if scope == "global" else counts
+    if device is None and selectable >= NOTE_SLOW_SCAN_FROM and not kernels.built():
+        warnings.warn("sftdiff's compiled scan is not installed (no C compiler when sftdiff was installed): "
+                      "numpy scans instead, with the same result, about twice as slow; reinstall sftdiff where a C "
+                      "compiler is available to get it", CreateWarning, stacklevel=2)
     hint = estimated_floor(base_ckpt, ft_ckpt, plan.sparse, counts[0], selectable) if scope == "global" else 0.0
-    if device is None:  # after the estimate: numba's import would hold the GIL it needs
-        kernels.preload(selectable)  # a big scan loads the compiled kernel meanwhile
     chosen = select(base_ckpt, ft_ckpt, plan.sparse, budget, floor=hint, progress=progress, device=device)
     selected = sum(len(c.indices) for c in chosen.values())
     if hint > 0 and selected < counts[0]:  # the estimate was too high: select again without it
@@ -479,7 +483,7 @@ def _scan(t: _Tensor, lo: int, hi: int, device: str | None = None) -> Candidates
             idx, mags = on_device
             return Candidates(idx, mags, t.base_raw[idx], t.ft_raw[idx])
     fused = kernels.scan(t.base_raw, t.base_dtype, t.ft_raw, t.ft_dtype, lo, hi, threshold)
-    if fused is not None:  # the compiled kernel (numba installed): the same result in one pass
+    if fused is not None:  # the compiled kernel (sftdiff._kernels built): the same result in one pass
         return Candidates(*fused)
     pairwise = t.base_dtype == t.ft_dtype == "BF16" and sys.byteorder == "little"
     step = _slice_size()

@@ -1,7 +1,7 @@
 """`create`'s scan with torch on a chosen device (`sftdiff create --device`, `create_diff(device=...)`).
 
 The scan computes |fine-tune − base| for every value and keeps the positions whose magnitude reaches
-the TopK's floor. On the CPU that is bound by memory bandwidth (numpy, or the numba kernel of
+the TopK's floor. On the CPU that is bound by memory bandwidth (numpy, or the compiled kernel of
 `kernels`); a CUDA GPU does the arithmetic at its own memory's bandwidth, so there the limit is
 moving the bytes over PCIe. `scan` copies a task's slices of both checkpoints into a reused
 (pinned, on CUDA) host buffer, sends them to the device without blocking, computes the magnitudes'

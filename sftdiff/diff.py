@@ -18,7 +18,7 @@ from . import format as fmt
 from .atomic import atomic_path
 from .dtypes import STORAGE, VALUE_DTYPES, from_float32, to_float32
 from .errors import FormatError
-from .safetensors_io import SafetensorsFile, SpooledWriter
+from .safetensors_io import SafetensorsFile, SpooledWriter, StreamingWriter, Written, verify_written
 
 
 @dataclass(frozen=True, eq=False)
@@ -237,7 +237,10 @@ class SparseDiff:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SparseDiff":
         """Open a `.sft` file, checking its header; entry data is mapped and checked on access."""
-        st = SafetensorsFile(path)
+        return cls._from_file(SafetensorsFile(path))
+
+    @classmethod
+    def _from_file(cls, st: SafetensorsFile) -> "SparseDiff":
         try:
             sft = fmt.decode_metadata(st.metadata)
             entries = _FileEntries(st, sft["entries"])
@@ -265,11 +268,19 @@ class SparseDiff:
     # -- writing
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
-        """Write atomically as `.sft`; the result is checked against the spec before it is kept."""
+        """Write atomically as `.sft`: every entry is checked against the spec before it is written,
+        and the file is read back and compared with what was written before it is kept."""
         path = Path(path)
         with atomic_path(path, overwrite=overwrite) as tmp:
-            write_sft(tmp, self.entries, self.meta)
-            SparseDiff.load(tmp).validate()
+            written = write_sft(tmp, self.entries, self.meta)
+            # write_sft ran the spec's data rules on the very arrays it wrote (the one conversion,
+            # indices to the index dtype, is exact for the in-range indices it checked), so another
+            # O(nnz) pass (`validate`) would repeat them. Reading back is for writer faults: the
+            # header, metadata and header-level entry rules are parsed again in full, and the
+            # tensor layout and sampled bytes are compared with what was written.
+            st = SafetensorsFile(tmp)
+            SparseDiff._from_file(st)
+            verify_written(st, written)
 
 
 class _LoadErrorsNamed(Mapping[str, Entry]):
@@ -291,32 +302,89 @@ class _LoadErrorsNamed(Mapping[str, Entry]):
         return len(self._inner)
 
 
-def write_sft(path: str | os.PathLike, entries: Mapping[str, Entry], meta: DiffMeta) -> None:
-    """Write `entries` (in name order) and `meta` to `path` as it is (callers make it atomic)."""
+def write_sft(path: str | os.PathLike, entries: Mapping[str, Entry], meta: DiffMeta) -> Written:
+    """Write `entries` (in name order) and `meta` to `path` as it is (callers make it atomic),
+    after checking every entry against the spec; returns what was written (`verify_written`).
+
+    Entries already held in memory are written straight behind a header computed up front;
+    any other Mapping goes through a spool (see `_held`). Both give the same bytes.
+    """
+    if _held(entries):
+        return _write_direct(path, entries, meta)
+    return _write_spooled(path, entries, meta)
+
+
+def _held(entries: Mapping[str, Entry]) -> bool:
+    """Whether every entry's arrays already exist, so the header can be computed before writing.
+
+    That is a plain dict (what `create`, `train` and the importers build) whose values are entries
+    holding numpy arrays: looking at every entry first costs nothing and holds nothing new. Any
+    other Mapping may compute an entry on access (algebra's and merge's results, `LazyEntries`) or
+    map and check it from a file (a loaded diff): sizes are then known only by computing every
+    entry and keeping them all, which the spool avoids. A dict subclass may compute in
+    `__getitem__` too, so only `dict` itself counts.
+    """
+    if type(entries) is not dict:
+        return False
+    for entry in entries.values():
+        if isinstance(entry, SparseEntry):
+            if not (isinstance(entry.indices, np.ndarray) and isinstance(entry.values, np.ndarray)):
+                return False
+        elif not (isinstance(entry, DenseEntry) and isinstance(entry.values, np.ndarray)):
+            return False
+    return True
+
+
+def _checked_tensors(name: str, entry: Entry) -> list[tuple[str, str, np.ndarray]]:
+    """An entry's tensors (key, dtype, array) to write, after checking it against the spec."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"parameter names must be non-empty strings, got {name!r}")
+    if np.asarray(entry.values).dtype != STORAGE[entry.dtype]:
+        raise ValueError(f"entry {name!r}: values are {entry.values.dtype}, not the storage of {entry.dtype}")
+    if isinstance(entry, SparseEntry):
+        idx_dtype = fmt.index_dtype_for(entry.numel)
+        fmt.check_sparse(name, entry.shape, np.asarray(entry.indices), np.asarray(entry.values),
+                         idx_dtype, entry.dtype)
+        return [(fmt.INDICES + name, idx_dtype, entry.indices), (fmt.VALUES + name, entry.dtype, entry.values)]
+    fmt.check_values(name, entry.values, entry.dtype, allow_zero=True)
+    return [(fmt.DENSE + name, entry.dtype, entry.values)]
+
+
+def _description(entry: Entry) -> dict[str, Any]:
+    return {"shape": list(entry.shape), "base_dtype": entry.base_dtype}
+
+
+def _write_direct(path: str | os.PathLike, entries: dict[str, Entry], meta: DiffMeta) -> Written:
+    tensors: list[tuple[str, str, np.ndarray]] = []
+    described: dict[str, dict[str, Any]] = {}
+    for name in sorted(entries):
+        entry = entries[name]
+        tensors += _checked_tensors(name, entry)
+        described[name] = _description(entry)
+    specs = [(key, dtype, tuple(np.shape(array))) for key, dtype, array in tensors]
+    with open(path, "wb") as f:
+        writer = StreamingWriter(f, specs, fmt.encode_metadata(meta.to_json(described)))
+        for key, _, array in tensors:
+            writer.write(key, array)
+        writer.close()
+    return writer.written
+
+
+def _write_spooled(path: str | os.PathLike, entries: Mapping[str, Entry], meta: DiffMeta) -> Written:
     described: dict[str, dict[str, Any]] = {}
     spool = SpooledWriter(os.path.dirname(os.fspath(path)) or ".")
     try:
         for name in sorted(entries):
-            entry = entries[name]
-            if not isinstance(name, str) or not name:
-                raise ValueError(f"parameter names must be non-empty strings, got {name!r}")
-            if np.asarray(entry.values).dtype != STORAGE[entry.dtype]:
-                raise ValueError(f"entry {name!r}: values are {entry.values.dtype}, not the storage of {entry.dtype}")
-            if isinstance(entry, SparseEntry):
-                idx_dtype = fmt.index_dtype_for(entry.numel)
-                fmt.check_sparse(name, entry.shape, np.asarray(entry.indices), np.asarray(entry.values),
-                                 idx_dtype, entry.dtype)
-                spool.add(fmt.INDICES + name, idx_dtype, entry.indices)
-                spool.add(fmt.VALUES + name, entry.dtype, entry.values)
-            else:
-                fmt.check_values(name, entry.values, entry.dtype, allow_zero=True)
-                spool.add(fmt.DENSE + name, entry.dtype, entry.values)
-            described[name] = {"shape": list(entry.shape), "base_dtype": entry.base_dtype}
+            entry = entries[name]  # computed here, once, and dropped after writing
+            for key, dtype, array in _checked_tensors(name, entry):
+                spool.add(key, dtype, array)
+            described[name] = _description(entry)
         with open(path, "wb") as f:
             spool.finish(f, fmt.encode_metadata(meta.to_json(described)))
     except BaseException:
         spool.discard()
         raise
+    return spool.written
 
 
 __all__ = ["SparseDiff", "SparseEntry", "DenseEntry", "DiffMeta", "EntryInfo", "Entry", "VALUE_DTYPES"]

@@ -24,7 +24,7 @@ from typing import BinaryIO, Iterable, Mapping
 import numpy as np
 
 from .dtypes import STORAGE
-from .errors import FormatError
+from .errors import FormatError, OutputError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # same bound as the reference implementation
 METADATA_KEY = "__metadata__"
@@ -204,19 +204,49 @@ def _as_bytes(array: np.ndarray, dtype: str) -> memoryview:
     return memoryview(arr).cast("B") if arr.size else memoryview(b"")
 
 
-def _write_chunked(f: BinaryIO, array: np.ndarray, dtype: str, chunk_bytes: int = 64 << 20) -> None:
-    """Write an array's bytes; large arrays go in slices so a conversion never doubles the memory."""
+@dataclass(frozen=True)
+class WrittenTensor:
+    """A tensor as a writer put it out: enough to recognise it when the file is read back."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    samples: tuple[tuple[int, bytes], ...]  # (byte offset inside the tensor, the bytes written there)
+
+
+@dataclass
+class Written:
+    """What a writer wrote, in file order; `verify_written` compares a file with it."""
+
+    metadata: dict[str, str]
+    tensors: list[WrittenTensor]
+
+
+def _write_chunked(f: BinaryIO, array: np.ndarray, dtype: str, chunk_bytes: int = 64 << 20) -> tuple[tuple[int, bytes], ...]:
+    """Write an array's bytes; large arrays go in slices so a conversion never doubles the memory.
+
+    Returns the first, middle and last element of every slice as written (byte offset, bytes):
+    a misplaced, reordered or shifted slice or tensor shows up there when the file is read back.
+    """
     flat = np.asarray(array).reshape(-1)
-    step = max(1, chunk_bytes // max(1, STORAGE[dtype].itemsize))
+    itemsize = STORAGE[dtype].itemsize
+    step = max(1, chunk_bytes // max(1, itemsize))
+    samples: list[tuple[int, bytes]] = []
     for i in range(0, flat.size, step):
-        f.write(_as_bytes(flat[i : i + step], dtype))
+        buf = _as_bytes(flat[i : i + step], dtype)
+        f.write(buf)
+        n = len(buf) // itemsize
+        for j in sorted({0, n // 2, n - 1}):
+            samples.append(((i + j) * itemsize, bytes(buf[j * itemsize : (j + 1) * itemsize])))
+    return tuple(samples)
 
 
 class StreamingWriter:
     """Writes a safetensors file whose tensor list is known up front; data streams in order.
 
     Used for checkpoints, where names, dtypes and shapes are known before any value is computed,
-    so the header goes first and each tensor is written as soon as it exists.
+    and for diffs whose entries are all in memory: the header goes first and each tensor is
+    written as soon as it exists, once.
     """
 
     def __init__(self, f: BinaryIO, specs: list[tuple[str, str, tuple[int, ...]]], metadata: Mapping[str, str] | None = None):
@@ -224,12 +254,14 @@ class StreamingWriter:
         self._pending = list(specs)
         self._next = 0
         f.write(header_bytes(specs, metadata))
+        self.written = Written(dict(metadata or {}), [])
 
     def write(self, name: str, array: np.ndarray) -> None:
         expected, dtype, shape = self._pending[self._next]
         if name != expected or tuple(np.shape(array)) != tuple(shape):
             raise ValueError(f"expected tensor {expected!r} {shape}, got {name!r} {np.shape(array)}")
-        _write_chunked(self._f, array, dtype)
+        samples = _write_chunked(self._f, array, dtype)
+        self.written.tensors.append(WrittenTensor(name, dtype, tuple(shape), samples))
         self._next += 1
 
     def close(self) -> None:
@@ -242,21 +274,51 @@ class SpooledWriter:
 
     Data goes to an anonymous temporary file next to the output as it arrives, so memory stays
     bounded by the largest tensor; `finish` writes the header and copies the spool behind it.
+    The price is writing the data twice and reading it once, so use `StreamingWriter` whenever
+    the tensor list can be known before the first tensor is written.
     """
 
     def __init__(self, spool_dir: str | None = None):
         self._spool = tempfile.TemporaryFile(dir=spool_dir)
         self._specs: list[tuple[str, str, tuple[int, ...]]] = []
+        self.written = Written({}, [])
 
     def add(self, name: str, dtype: str, array: np.ndarray) -> None:
-        self._specs.append((name, dtype, tuple(np.shape(array))))
-        _write_chunked(self._spool, array, dtype)
+        shape = tuple(np.shape(array))
+        self._specs.append((name, dtype, shape))
+        self.written.tensors.append(WrittenTensor(name, dtype, shape, _write_chunked(self._spool, array, dtype)))
 
     def finish(self, f: BinaryIO, metadata: Mapping[str, str] | None) -> None:
         f.write(header_bytes(self._specs, metadata))
+        self.written.metadata = dict(metadata or {})
         self._spool.seek(0)
         shutil.copyfileobj(self._spool, f, 16 << 20)
         self._spool.close()
 
     def discard(self) -> None:
         self._spool.close()
+
+
+def verify_written(st: SafetensorsFile, written: Written) -> None:
+    """Check that a file read back holds what a writer wrote: the same metadata, the same tensors
+    (names, dtypes, shapes) in the same order, and the sampled bytes at each tensor's offsets.
+
+    Parsing `st` has already checked that the offsets are contiguous and cover the file exactly,
+    so together this catches a wrong header, misplaced or reordered data and a short or long
+    write, in O(tensors) reads rather than a pass over the data.
+    """
+    def fail(problem: str) -> OutputError:
+        return OutputError(f"{st.path}: read back after writing, {problem}; the file is not kept "
+                           "(a bug in sftdiff or a disk fault: please report it)")
+
+    if st.metadata != written.metadata:
+        raise fail("its metadata differs from what was written")
+    in_file = sorted(st.tensors.values(), key=lambda t: t.start)
+    if [t.name for t in in_file] != [w.name for w in written.tensors]:
+        raise fail("its tensors are not the ones written, in the order written")
+    for t, w in zip(in_file, written.tensors):
+        if t.dtype != w.dtype or t.shape != w.shape:
+            raise fail(f"tensor {w.name!r} is {t.dtype} {list(t.shape)}, but {w.dtype} {list(w.shape)} was written")
+        for offset, expected in w.samples:
+            if st.read_bytes(t.start + offset, len(expected)) != expected:
+                raise fail(f"tensor {w.name!r} holds other bytes at offset {offset} than were written there")

@@ -1,5 +1,5 @@
 """Edge-case values and raw safetensors checkpoints written from numpy arrays (no torch), for the
-tests of `create`'s pass-1 scans (the numba kernel, the torch device scan) against numpy."""
+tests of `create`'s pass-1 scans (the compiled kernel, the torch device scan) against numpy."""
 
 from __future__ import annotations
 

@@ -259,3 +259,61 @@ def test_bare_sftdiff_shows_the_help(capsys):
         cli.main([])
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.startswith("Usage: sftdiff") and "Commands:" in err
+
+
+# --- the console script's exit (cli.run) ----------------------------------------------------------
+
+class _Exited(Exception):
+    def __init__(self, code: int):
+        self.code = code
+
+
+def _run_script(monkeypatch, argv: list[str]) -> tuple[str, object]:
+    """cli.run() in-process: ("fast", code) when it left through os._exit, ("python", code) when
+    through SystemExit (Python's own exit)."""
+    def fake_exit(code: int) -> None:
+        raise _Exited(code)
+
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    monkeypatch.setattr(sys, "argv", ["sftdiff", *argv])
+    try:
+        cli.run()
+    except _Exited as e:
+        return "fast", e.code
+    except SystemExit as e:
+        return "python", e.code
+    raise AssertionError("cli.run() returned")
+
+
+def test_run_leaves_with_mains_exit_code_skipping_teardown(monkeypatch, capsys, tmp_path):
+    """Success and each error code come out of os._exit unchanged, with the report printed."""
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    assert _run_script(monkeypatch, ["--version"]) == ("fast", 0)
+    assert "sftdiff" in capsys.readouterr().out
+    assert _run_script(monkeypatch, ["create", "a", "b", "-o", str(tmp_path / "x.sft"), "--density", "2"]) == ("fast", 2)
+    assert "--density must be in (0, 1]" in capsys.readouterr().err
+    assert _run_script(monkeypatch, ["inspect", str(tmp_path / "missing.sft")]) == ("fast", 3)
+
+
+def test_run_keeps_pythons_exit_when_torch_is_loaded_or_threads_run(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", sys.modules.get("torch") or object())
+    assert _run_script(monkeypatch, ["--version"]) == ("python", 0)  # torch's exit hooks must run
+    monkeypatch.delitem(sys.modules, "torch")
+    import threading
+
+    release = threading.Event()
+    worker = threading.Thread(target=release.wait)  # a non-daemon thread Python would wait for
+    worker.start()
+    try:
+        assert _run_script(monkeypatch, ["--version"]) == ("python", 0)
+    finally:
+        release.set()
+        worker.join()
+
+
+def test_console_script_output_is_complete_through_a_pipe(tmp_path):
+    """`python -m sftdiff` (cli.run) flushes what it printed before leaving."""
+    proc = subprocess.run([sys.executable, "-m", "sftdiff", "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0
+    assert all(name in proc.stdout for name in cli.COMMANDS)
+    assert "Show this message and exit" in proc.stdout  # click's last option line: the whole help came out

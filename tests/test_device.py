@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from helpers_models import run_cli  # noqa: E402
-from sftdiff import device_scan, kernels  # noqa: E402
+from sftdiff import device_scan  # noqa: E402
 from sftdiff.errors import FormatError, UsageError  # noqa: E402
 from sftdiff.select import TopK  # noqa: E402
 from helpers_checkpoints import edge_values, stored, write_pair  # noqa: E402
@@ -29,9 +29,9 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 
 def _numpy_scan(b: np.ndarray, bd: str, f: np.ndarray, fd: str, lo: int, hi: int, floor: float,
                 monkeypatch: pytest.MonkeyPatch) -> tuple[np.ndarray, np.ndarray]:
-    """The positions and magnitudes create's numpy code finds (the numba kernel turned off)."""
+    """The positions and magnitudes create's numpy code finds (the compiled kernel turned off)."""
     with monkeypatch.context() as m, np.errstate(invalid="ignore", over="ignore"):
-        m.setattr(kernels, "_kernel", False)
+        m.setenv("SFTDIFF_COMPILED", "0")
         t = create._Tensor(create.Pair("w", "w"), b, bd, f, fd, TopK(1, floor=floor), 0)
         return create._scan(t, lo, hi)[:2]
 
@@ -163,7 +163,7 @@ def test_create_output_byte_identical_with_and_without_device(device, dtype, opt
     base, ft = write_pair(tmp_path, dtype, seed=3)
     monkeypatch.setattr(device_scan, "CPU_CHUNK", 4096)  # many chunks per task on these small tensors
     create.create_diff(base, ft, device=device, **options).save(tmp_path / "device.sft")
-    monkeypatch.setattr(kernels, "_kernel", False)  # the reference: numpy
+    monkeypatch.setenv("SFTDIFF_COMPILED", "0")  # the reference: numpy
     create.create_diff(base, ft, **options).save(tmp_path / "numpy.sft")
     assert (tmp_path / "device.sft").read_bytes() == (tmp_path / "numpy.sft").read_bytes()
 

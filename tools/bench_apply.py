@@ -34,20 +34,12 @@ import sys
 from pathlib import Path
 
 from bench_create import timed
-from bench_models import WORKLOADS, ensure_pair, load_average, numel, warm, weight_files
+from bench_models import WORKLOADS, cached_bytecode_env, ensure_pair, load_average, numel, warm, weight_files
 
 
 def settle(out: Path) -> None:
     shutil.rmtree(out, ignore_errors=True)
     os.sync()
-
-
-def cached_bytecode_env(root: Path, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for a timed `sftdiff` child: bytecode cached under root/pycache (see above)."""
-    env = dict(os.environ if base is None else base)
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    env["PYTHONPYCACHEPREFIX"] = str(root / "pycache")
-    return env
 
 
 def main() -> None:

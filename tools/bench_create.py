@@ -6,9 +6,9 @@ shape in one file), warms the page cache, then times in fresh processes, round-r
 repetitions (medians):
 
   floor           `cat` of every weight file of both checkpoints (the read floor)
-  create          `sftdiff create BASE FT -o OUT --density D --quiet` (compiled scan kernel if numba
-                  is installed)
-  create (numpy)  the same with SFTDIFF_NUMBA=0 (the numpy scan), and a byte comparison of both outputs
+  create          `sftdiff create BASE FT -o OUT --density D --quiet` (the compiled scan, sftdiff._kernels,
+                  when it is built)
+  create (numpy)  the same with SFTDIFF_COMPILED=0 (the numpy scan), and a byte comparison of both outputs
 
 `--baseline-src DIR` also times `create` imported from another source tree (a checkout of an
 earlier commit) in the same rounds, and compares its output byte for byte: before/after figures
@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_models import WORKLOADS, ensure_pair, load_average, numel, warm, weight_files
+from bench_models import WORKLOADS, cached_bytecode_env, ensure_pair, load_average, numel, warm, weight_files
 
 
 def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float, float]:
@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--density", type=float, default=0.01)
-    ap.add_argument("--no-numpy", action="store_true", help="skip the SFTDIFF_NUMBA=0 runs")
+    ap.add_argument("--no-numpy", action="store_true", help="skip the SFTDIFF_COMPILED=0 runs")
     ap.add_argument("--cold", action="store_true", help="evict the benchmark's files from the page cache "
                     "(fsync + posix_fadvise DONTNEED) before every run instead of warming it")
     ap.add_argument("--keep", action="store_true", help="keep (and reuse) the synthetic checkpoints")
@@ -84,7 +84,8 @@ def main() -> None:
 
     root = Path(args.dir)
     sftdiff = [sys.executable, "-m", "sftdiff"]
-    numpy_env = dict(os.environ, SFTDIFF_NUMBA="0")
+    plain_env = cached_bytecode_env(root)
+    numpy_env = dict(plain_env, SFTDIFF_COMPILED="0")
     load_before = load_average()
     table = []
     for workload in args.workloads:
@@ -92,15 +93,15 @@ def main() -> None:
         files = weight_files(base) + weight_files(ft)
         out, out_numpy = root / workload / "out.sft", root / workload / "out-numpy.sft"
         create = [*sftdiff, "create", str(base), str(ft), "--density", str(args.density), "--quiet", "--force", "-o"]
-        runs = [("floor", ["cat", *map(str, files)], None), ("create", [*create, str(out)], None)]
+        runs = [("floor", ["cat", *map(str, files)], None), ("create", [*create, str(out)], plain_env)]
         if not args.no_numpy:
             runs.append(("create (numpy)", [*create, str(out_numpy)], numpy_env))
         out_baseline = root / workload / "out-baseline.sft"
         if args.baseline_src:
-            env = dict(os.environ, PYTHONPATH=str(Path(args.baseline_src).resolve()))
+            env = dict(plain_env, PYTHONPATH=str(Path(args.baseline_src).resolve()))
             runs.append(("baseline", [sys.executable, "-P", *create[1:], str(out_baseline)], env))
         warm(files)
-        for _, cmd, env in runs[1:]:  # untimed first runs: compile the kernel once if numba's cache is empty
+        for _, cmd, env in runs[1:]:  # untimed first runs: fill the bytecode cache
             timed(cmd, env)
         samples: dict[str, list[tuple[float, float, float]]] = {label: [] for label, _, _ in runs}
         for _ in range(args.reps):

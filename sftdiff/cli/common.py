@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
-from ..diff import SparseDiff
+if TYPE_CHECKING:  # not at run time: `sftdiff CMD --help` need not load the diff machinery
+    from ..diff import SparseDiff
 
 
 def open_diff(source: str, base: Any = None) -> SparseDiff:

@@ -10,7 +10,6 @@ from typing import Any, Iterator
 
 import click
 
-from ..summary import human_size
 from .common import budget_options, force_option, json_option, quiet_option, report, user_field_options, user_fields
 
 
@@ -87,6 +86,8 @@ def _warnings_to_stderr(notes: list[str] | None = None) -> Iterator[None]:
 
 def summary_line(out: str, origin: dict[str, Any], dense: list[str]) -> str:
     """One line: values kept, k and density, dense entries, file size."""
+    from ..summary import human_size
+
     nnz, k = origin["nnz"], origin["k"]
     kept = f"{nnz:,} values (k={k:,}, {origin['scope']}, density {origin['density']:.4%} of "
     kept += f"{origin['selectable_numel']:,} selectable)"
