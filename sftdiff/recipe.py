@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import FormatError
+from .fingerprint import content_fingerprint
 
 RECIPE_KEY = "sftdiff.recipe"
 RECIPE_VERSION = 1
@@ -43,8 +44,6 @@ class Hashes:
     thread is a daemon: an interrupted or refused bake does not wait for it."""
 
     def __init__(self, diffs: Sequence[Any]):
-        from .fingerprint import content_fingerprint
-
         self._diffs = list(diffs)
         self._results: list[Any] = [None] * len(self._diffs)
         # Only files are hashed in the background: an in-memory diff's entries may be computed
@@ -62,8 +61,6 @@ class Hashes:
         self._thread.start()
 
     def result(self) -> list[tuple[str, str]]:
-        from .fingerprint import content_fingerprint
-
         self._thread.join()
         for i, r in enumerate(self._results):
             if isinstance(r, BaseException):

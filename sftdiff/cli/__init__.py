@@ -199,13 +199,11 @@ def run() -> None:
     command can leave at once, with stdout and stderr flushed. Not when torch is loaded (its exit
     hooks stop worker processes) or a non-daemon thread still runs (Python would wait for it), and
     not for `main` called in-process (tests, scripts): they keep Python's own exit."""
+    code: object = 0
     try:
         main()
-        code: object = 0
     except SystemExit as e:
-        code = e.code
-    if code is None:
-        code = 0
+        code = 0 if e.code is None else e.code
     if not isinstance(code, int) or "torch" in sys.modules or not _only_daemon_threads():
         sys.exit(code)
     for stream in (sys.stdout, sys.stderr):

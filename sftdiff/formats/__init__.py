@@ -68,7 +68,6 @@ def _sft_in_folder(folder: Path) -> Path | None:
 
 def detect(path: Path) -> tuple[str, Path]:
     """(format, path to read) of a local file or folder."""
-
     if path.is_dir():
         sft = _sft_in_folder(path)
         if sft is not None:
@@ -109,7 +108,6 @@ def _input_path(fmt: str, path: Path) -> Path:
     if fmt in ("peft-sft", "lora") and path.is_file():
         return path.parent
     if fmt == "composable-sft" and path.is_dir():
-
         return path / COMPOSABLE_FILE
     if fmt == "sft" and path.is_dir():
         sft = _sft_in_folder(path)
